@@ -1,0 +1,49 @@
+# Every target creates or reuses .venv; the stamp re-installs only when the dependency files change.
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+PIP      := $(PY) -m pip
+STAMP    := $(VENV)/.installed
+APT_PKGS := redis-server prometheus
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: run test lint typecheck bench bench-engine bench-admission bench-stores soak apt clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/meltguard serve
+
+# Debian's redis-server and prometheus are real peers in the test suite; install only what is missing.
+apt:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+test: $(STAMP) apt
+	$(VENV)/bin/ruff check meltguard tests
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check meltguard tests
+	$(VENV)/bin/mypy
+
+bench-engine: $(STAMP)
+	$(PY) -m meltguard.inference.bench
+
+bench: $(STAMP)
+	$(VENV)/bin/meltguard bench
+
+clean:
+	rm -rf $(VENV) bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from meltguard.daemon.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""In-process QuotaStore: the reference semantics every other store is tested against."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from meltguard.values import QuotaOutcome, QuotaWindow, WindowState
+
+# Costs are fractions of a reference image; a tolerance keeps 3 x (1/3) within a limit of 1.
+EPSILON = 1e-9
+
+
+class MemoryQuotaStore:
+    """Fixed windows aligned to the epoch; one dict entry per (key, window id)."""
+
+    def __init__(self) -> None:
+        self._used: dict[tuple[str, int], float] = {}
+        self._ends: dict[tuple[str, int], float] = {}
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    def _state(self, window: QuotaWindow, now: float) -> WindowState:
+        used = self._used.get((window.key, window.window_id(now)), 0.0)
+        return WindowState(window=window, used=used, reset_at=window.reset_at(now))
+
+    async def consume(
+        self, windows: Sequence[QuotaWindow], cost: float, now: float
+    ) -> QuotaOutcome:
+        return self.consume_now(windows, cost, now)
+
+    def consume_now(self, windows: Sequence[QuotaWindow], cost: float, now: float) -> QuotaOutcome:
+        states = tuple(self._state(w, now) for w in windows)
+        for state in states:
+            if state.used + cost > state.window.limit + EPSILON:
+                return QuotaOutcome(False, states, exhausted=state, charged_at=now)
+        for window in windows:
+            slot = (window.key, window.window_id(now))
+            self._used[slot] = self._used.get(slot, 0.0) + cost
+            self._ends[slot] = window.reset_at(now)
+        self._expire(now)
+        return QuotaOutcome(True, tuple(self._state(w, now) for w in windows), charged_at=now)
+
+    async def refund(self, windows: Sequence[QuotaWindow], cost: float, charged_at: float) -> None:
+        for window in windows:
+            slot = (window.key, window.window_id(charged_at))
+            if slot in self._used:
+                self._used[slot] = max(self._used[slot] - cost, 0.0)
+
+    async def peek(self, windows: Sequence[QuotaWindow], now: float) -> QuotaOutcome:
+        states = tuple(self._state(w, now) for w in windows)
+        exhausted = next((s for s in states if s.remaining <= EPSILON), None)
+        return QuotaOutcome(exhausted is None, states, exhausted=exhausted, charged_at=now)
+
+    async def close(self) -> None:
+        self._used.clear()
+        self._ends.clear()
+
+    def _expire(self, now: float) -> None:
+        # Bounded memory: forget windows that ended, checked only once the map has grown.
+        if len(self._used) < 4096:
+            return
+        self._used = {slot: used for slot, used in self._used.items() if self._ends[slot] > now}
+        self._ends = {slot: end for slot, end in self._ends.items() if slot in self._used}

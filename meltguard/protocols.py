@@ -1,0 +1,78 @@
+"""The small Protocols every layer is written against; stdlib only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from meltguard.values import EngineHealth, GenerationJob, GpuSample, QuotaOutcome, QuotaWindow
+
+
+class Clock(Protocol):
+    """Time is an argument: only edges hold a Clock; tests pass a fake one."""
+
+    def monotonic(self) -> float: ...
+
+    def wall(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What sits behind the admission gate (TGI's Backend, reduced to four methods)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def warm_up(self) -> None: ...
+
+    async def generate(self, job: GenerationJob) -> list[bytes]:
+        """Return job.n PNG images. Raises inference.errors.EngineOutOfMemory / EngineFailure."""
+        ...
+
+    def health(self) -> EngineHealth: ...
+
+    def busy_seconds(self) -> float:
+        """Cumulative seconds the accelerator has spent generating (drives the simulated GPU)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class TelemetrySource(Protocol):
+    """Blocking reads, called off the event loop by the sampler."""
+
+    @property
+    def kind(self) -> str:
+        """`nvml`, `simulated` or `replay`: the `source` label of telemetry_source_info."""
+        ...
+
+    def read(self) -> Sequence[GpuSample]: ...
+
+    def close(self) -> None: ...
+
+
+class QuotaStore(Protocol):
+    """Atomic per call across all given windows: either every window is charged or none is.
+
+    `now` is unix seconds from the caller's clock; a store with an authoritative clock of its
+    own (Redis `TIME`) uses that instead and reports it as `QuotaOutcome.charged_at`.
+    """
+
+    @property
+    def name(self) -> str:
+        """`memory`, `sqlite` or `redis`: the `store` label of quota_store_errors_total."""
+        ...
+
+    async def consume(
+        self, windows: Sequence[QuotaWindow], cost: float, now: float
+    ) -> QuotaOutcome: ...
+
+    async def refund(self, windows: Sequence[QuotaWindow], cost: float, charged_at: float) -> None:
+        """Give back `cost` to the windows that were current at `charged_at` (never below 0)."""
+        ...
+
+    async def peek(self, windows: Sequence[QuotaWindow], now: float) -> QuotaOutcome: ...
+
+    async def close(self) -> None: ...
