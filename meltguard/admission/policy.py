@@ -128,6 +128,8 @@ class Limits(_Strict):
     max_size: SizeField = Size(1024, 1024)
     max_steps: Annotated[int, Field(ge=1, le=500)] = 50
     max_prompt_chars: Annotated[int, Field(ge=1)] = 4000
+    default_size: SizeField = Size(512, 512)
+    default_steps: Annotated[int, Field(ge=1)] = 20
 
 
 class ExitSignals(_Strict):
