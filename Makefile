@@ -42,6 +42,9 @@ lint: $(STAMP)
 bench-engine: $(STAMP)
 	$(PY) -m meltguard.inference.bench
 
+bench-stores: $(STAMP) apt
+	$(PY) -m meltguard.daemon.stores.bench
+
 bench: $(STAMP)
 	$(VENV)/bin/meltguard bench
 

@@ -79,6 +79,7 @@ def _parse_tenant(value: object) -> str:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0.0)]
 SizeField = Annotated[Size, BeforeValidator(_parse_size)]
 Sha256 = Annotated[str, BeforeValidator(_parse_hex)]
 Tenant = Annotated[str, BeforeValidator(_parse_tenant)]
@@ -97,12 +98,12 @@ class _Strict(BaseModel):
 
 
 class Quota(_Strict):
-    limit: Annotated[int, Field(gt=0)]
-    per: Duration
+    limit: Annotated[int, Field(gt=0, strict=True)]
+    per: PositiveDuration
 
 
 class Tier(_Strict):
-    priority: int
+    priority: Annotated[int, Field(strict=True)]
     quotas: tuple[Quota, ...] = ()
     max_concurrent: Annotated[int, Field(gt=0)] = 1
     max_queue_wait: Duration = 30.0
@@ -156,8 +157,8 @@ class PressureLevel(_Strict):
 
 
 class Pressure(_Strict):
-    sample_interval: Duration = 0.5
-    stale_after: Duration = 5.0
+    sample_interval: PositiveDuration = 0.5
+    stale_after: PositiveDuration = 5.0
     on_stale: LevelName = "high"
     lookahead: Duration | None = None
     levels: dict[str, PressureLevel] = {}
@@ -266,16 +267,18 @@ def parse_policy(data: object) -> Policy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(tuple(_issue_from_pydantic(err) for err in exc.errors())) from None
+        raise PolicyError(
+            tuple(_issue_from_pydantic(err, data) for err in exc.errors())
+        ) from None
     issues = semantic_issues(policy)
     if issues:
         raise PolicyError(tuple(issues))
     return policy
 
 
-def _issue_from_pydantic(err: Any) -> PolicyIssue:
+def _issue_from_pydantic(err: Any, data: object) -> PolicyIssue:
     kind = err["type"]
-    path: Path = tuple(part for part in err["loc"] if not _is_union_tag(part))
+    path = _data_path(err["loc"], data)
     message = str(err["msg"])
     if kind == "extra_forbidden":
         message = "unknown key"
@@ -288,9 +291,28 @@ def _issue_from_pydantic(err: Any) -> PolicyIssue:
     return PolicyIssue(path, message)
 
 
-def _is_union_tag(part: object) -> bool:
-    # pydantic names union members and validators in loc ("function-before[...]", "int").
-    return isinstance(part, str) and ("[" in part or part in {"int", "float", "str", "none"})
+def _data_path(loc: tuple[Any, ...], data: object) -> Path:
+    """pydantic's loc with its validator and union-member names removed: keep only the parts
+    that are keys or indexes in the data being validated (a tier may be called `int`)."""
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list | tuple) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif _names_a_missing_key(node, part):
+            pass  # the key itself is missing or unknown: it still names the place
+        else:
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def _names_a_missing_key(node: object, part: object) -> bool:
+    return isinstance(node, Mapping) and isinstance(part, str) and part not in node and not (
+        "[" in part or part.startswith(("constrained-", "function-"))
+    )
 
 
 def semantic_issues(policy: Policy) -> list[PolicyIssue]:
@@ -320,6 +342,17 @@ def semantic_issues(policy: Policy) -> list[PolicyIssue]:
             issues.append(PolicyIssue(("api_keys", index, "key_sha256"),
                 f"duplicate key hash: api_keys[{seen_hashes[key.key_sha256]}] has the same one"))
         seen_hashes.setdefault(key.key_sha256, index)
+
+    limits = policy.limits
+    if not limits.default_size.fits_in(limits.max_size):
+        issues.append(PolicyIssue(("limits", "default_size"),
+            f"default_size {limits.default_size} does not fit in max_size {limits.max_size}"))
+    if limits.default_steps > limits.max_steps:
+        issues.append(PolicyIssue(("limits", "default_steps"),
+            f"default_steps {limits.default_steps} is above max_steps {limits.max_steps}"))
+    if policy.pressure.stale_after <= policy.pressure.sample_interval:
+        issues.append(PolicyIssue(("pressure", "stale_after"),
+            "stale_after must be longer than sample_interval, or every sample would be stale"))
 
     if policy.concurrency.min_limit > policy.concurrency.limit:
         issues.append(PolicyIssue(("concurrency", "min_limit"),

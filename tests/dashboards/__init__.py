@@ -1,0 +1,1 @@
+"""Checks of dashboards/ (Grafana dashboard, Prometheus rules) and the generated docs."""
