@@ -297,10 +297,9 @@ def _data_path(loc: tuple[Any, ...], data: object) -> Path:
     path: list[str | int] = []
     node = data
     for part in loc:
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list | tuple) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
+        in_list = isinstance(node, list | tuple) and isinstance(part, int) and 0 <= part < len(node)
+        if (isinstance(node, Mapping) and part in node) or in_list:
+            node = node[part]  # type: ignore[index]
         elif _names_a_missing_key(node, part):
             pass  # the key itself is missing or unknown: it still names the place
         else:
