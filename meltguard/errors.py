@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 
 class ErrorCode(StrEnum):
@@ -36,6 +37,7 @@ class ServiceError(Exception):
         retry_after: float | None = None,
         should_retry: bool | None = None,
         status: int | None = None,
+        quota: Any = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -44,6 +46,7 @@ class ServiceError(Exception):
         self.retry_after = retry_after
         self.should_retry = should_retry
         self.status = status  # overrides the default status for the code (overload_status)
+        self.quota = quota  # a values.QuotaOutcome when known, for the rate-limit headers
 
 
 def invalid(param: str | None, message: str) -> ServiceError:

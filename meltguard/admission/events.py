@@ -1,0 +1,71 @@
+"""What the gate tells the outside world. The daemon turns these into metrics and log lines;
+admission itself never touches prometheus_client or structlog.
+
+Exactly one `Decided` is emitted per `Gate.admit` call that reaches a decision, so
+`admission_decisions_total` counts requests once:
+- `admit`: runs as asked, without waiting for a slot;
+- `queue`: runs as asked after waiting in the queue (wait_s > 0);
+- `degrade`: runs with fewer steps / a smaller size / fewer images (`degraded` says which),
+  whether or not it also waited (wait_s tells);
+- `reject`: refused; `reason` is the ErrorCode string the client got;
+- `would_reject` / `would_degrade`: shadow mode; admitted unchanged, `reason` is what
+  enforcement would have answered (`ok` for a would-be degradation).
+`reason` is `ok` for admissions, `fail_open` when the quota store failed and the policy says
+to admit anyway. A client that leaves while queued reaches no decision: it shows up as
+`Waited` plus `Settled(outcome="ignored")`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from meltguard.admission.policy import Level
+
+Decision = Literal["admit", "degrade", "queue", "reject", "would_reject", "would_degrade"]
+Outcome = Literal["success", "dropped", "ignored", "failed"]
+
+DECISIONS: tuple[Decision, ...] = (
+    "admit", "degrade", "queue", "reject", "would_reject", "would_degrade",
+)
+OUTCOMES: tuple[Outcome, ...] = ("success", "dropped", "ignored", "failed")
+REASON_OK = "ok"
+REASON_FAIL_OPEN = "fail_open"
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    tier: str
+    tenant: str
+    decision: Decision
+    reason: str  # an ErrorCode value, "ok" or "fail_open"
+    level: Level
+    cost: float  # reference images the admitted job costs (0 when rejected before costing)
+    wait_s: float  # seconds spent waiting for a slot
+    degraded: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Waited:
+    """Every stay in the queue, including zero-length ones, timeouts and abandoned waits."""
+
+    tier: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreFailed:
+    store: str  # QuotaStore.name
+    error: str  # exception type and message, for the log line
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    tier: str
+    outcome: Outcome
+    refunded: float  # reference images given back to the quota
+
+
+Event = Decided | Waited | StoreFailed | Settled
+EventSink = Callable[[Event], None]

@@ -1,0 +1,182 @@
+"""The daemon's live state and the hooks that connect its parts: policy reloads, pressure
+assessment from telemetry, and admission events turned into metrics and log lines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from meltguard.admission.events import Decided, Settled, StoreFailed, Waited
+from meltguard.admission.gate import Gate
+from meltguard.admission.policy import LEVEL_NAMES, Level, Policy
+from meltguard.admission.pressure import PressureState, assess, cooling_eta
+from meltguard.daemon.image_files import ImageFiles
+from meltguard.daemon.metrics import LiveView, Metrics
+from meltguard.daemon.policy_file import LoadedPolicy, PolicyFileError, load_policy_file
+from meltguard.daemon.settings import Settings
+from meltguard.protocols import Clock, Engine
+from meltguard.values import GpuSample
+
+log = structlog.get_logger("meltguard")
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock,
+        engine: Engine,
+        gate: Gate,
+        loaded: LoadedPolicy,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.engine = engine
+        self.gate = gate
+        self.loaded = loaded
+        self.pressure: PressureState | None = None
+        self.samples: Sequence[GpuSample] = ()
+        self.telemetry_kind = "none"
+        self.telemetry_note: str | None = None
+        self.accepting = True
+        self.active_requests = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.images = ImageFiles(settings.url_ttl)
+        self.metrics: Metrics | None = None
+        self.on_policy_change: Callable[[Policy], None] = lambda policy: None
+        self.rejected_sha256: str | None = None  # a bad file is reported once, not every poll
+        self.started_at = clock.monotonic()
+
+    # -- in-flight accounting (drain on SIGTERM) -------------------------------------------
+
+    def request_started(self) -> None:
+        self.active_requests += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.active_requests -= 1
+        if self.active_requests == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    # -- policy ---------------------------------------------------------------------------
+
+    @property
+    def policy_path(self) -> Path | None:
+        return Path(self.settings.policy) if self.settings.policy else None
+
+    def reload(self, trigger: str) -> bool:
+        """Swap in the file's policy, or keep the current one whole if the file is bad."""
+        path = self.policy_path
+        if path is None:
+            log.info("policy.reload_skipped", trigger=trigger, reason="built-in policy in use")
+            return True
+        try:
+            loaded = load_policy_file(path)
+        except (PolicyFileError, OSError) as exc:
+            errors = exc.lines if isinstance(exc, PolicyFileError) else [f"{path}: {exc}"]
+            log.error("policy.reload_failed", trigger=trigger, errors=errors)
+            self._count_reload("failure")
+            return False
+        changed = loaded.sha256 != self.loaded.sha256
+        self.loaded = loaded
+        self.gate.set_policy(loaded.policy)
+        self.on_policy_change(loaded.policy)
+        self.rejected_sha256 = None
+        self._count_reload("success")
+        log.info("policy.reloaded", trigger=trigger, sha256=loaded.sha256[:12], changed=changed,
+                 mode=loaded.policy.mode)
+        return True
+
+    def _count_reload(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.policy_reloads.labels(result).inc()
+
+    # -- pressure -------------------------------------------------------------------------
+
+    def observe(self, samples: Sequence[GpuSample] | None, now: float) -> None:
+        """Assess pressure from the newest samples (None: no new read, re-check staleness)."""
+        if samples is not None:
+            self.samples = samples
+        policy = self.loaded.policy
+        if not self.samples and now - self.started_at < policy.pressure.stale_after:
+            # The first read has not had time to arrive; that is not missing telemetry.
+            return
+        previous = self.pressure
+        state = assess(self.samples, previous, policy, now)
+        self.pressure = state
+        self.gate.set_pressure(state.level, cooling_eta(state, policy, now))
+        if previous is None or previous.level != state.level:
+            log.warning(
+                "pressure.level_changed",
+                level=state.level.label,
+                previous=previous.level.label if previous else None,
+                stale=state.stale,
+                reasons=list(state.reasons),
+            )
+
+    # -- events ---------------------------------------------------------------------------
+
+    def on_event(self, event: object) -> None:
+        metrics = self.metrics
+        if isinstance(event, Decided):
+            if metrics is not None:
+                metrics.decisions.labels(event.tier, event.decision, event.reason).inc()
+            log.info(
+                "admission.decided",
+                tier=event.tier,
+                tenant=event.tenant,
+                decision=event.decision,
+                reason=event.reason,
+                pressure=event.level.label,
+                cost=round(event.cost, 4),
+                wait_s=round(event.wait_s, 4),
+                degraded=list(event.degraded) or None,
+            )
+        elif isinstance(event, Waited):
+            if metrics is not None:
+                metrics.queue_wait.labels(event.tier).observe(event.seconds)
+        elif isinstance(event, StoreFailed):
+            if metrics is not None:
+                metrics.store_errors.labels(event.store).inc()
+            log.error("quota_store.failed", store=event.store, error=event.error)
+        elif isinstance(event, Settled) and event.refunded:
+            log.info("quota.refunded", tier=event.tier, outcome=event.outcome,
+                     cost=round(event.refunded, 4))
+
+    # -- scrape-time view -----------------------------------------------------------------
+
+    def view(self) -> LiveView:
+        snap = self.gate.snapshot()
+        policy = self.loaded.policy
+        levels: dict[str, int] = {}
+        if self.pressure is not None:
+            levels = {str(g.index): int(g.level) for g in self.pressure.gpus}
+            levels["all"] = int(self.pressure.level)
+        enter = {
+            name: level.enter.temperature_c
+            for name, level in policy.pressure.levels.items()
+            if name in LEVEL_NAMES and level.enter.temperature_c is not None
+        }
+        return LiveView(
+            queue_depth=snap.queue_depth,
+            inflight=snap.inflight,
+            quota_factor=snap.quota_factor,
+            queue_wait_budget=snap.max_queue_wait,
+            concurrency_limit=snap.concurrency_limit,
+            pressure_levels=levels,
+            enter_temperatures=enter,
+            policy_mode=policy.mode,
+            policy_sha256=self.loaded.sha256,
+        )
+
+    @property
+    def level(self) -> Level:
+        return self.pressure.level if self.pressure is not None else Level.NORMAL

@@ -1,0 +1,267 @@
+"""`meltguard serve`: build the parts from settings, run the server, reload on SIGHUP and
+file change, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from meltguard.admission.policy import Policy
+from meltguard.clock import SystemClock
+from meltguard.daemon.app import create_app
+from meltguard.daemon.logs import configure_logging
+from meltguard.daemon.policy_file import (
+    LoadedPolicy,
+    PolicyFileError,
+    builtin_policy,
+    load_policy_file,
+)
+from meltguard.daemon.runtime import Runtime
+from meltguard.daemon.settings import Settings
+from meltguard.daemon.stores.select import default_store_spec, open_store
+from meltguard.daemon.strategies import make_gate
+from meltguard.daemon.telemetry import (
+    NvmlUnavailable,
+    Sampler,
+    SimulatedGpu,
+    TelemetrySpecError,
+    open_source,
+    register_telemetry_metrics,
+    requested_label,
+)
+from meltguard.inference.errors import ModelNotFound
+from meltguard.inference.select import build_engine
+from meltguard.protocols import Clock, Engine, QuotaStore, TelemetrySource
+
+log = structlog.get_logger("meltguard")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    gpus = tuple(int(x) for x in str(args.gpus).split(",") if x.strip()) if args.gpus else None
+    return Settings(
+        host=args.host,
+        port=args.port,
+        policy=args.policy,
+        model=args.model,
+        telemetry=args.telemetry,
+        store=args.store or default_store_spec(),
+        log_format=args.log_format,
+        max_batch=args.max_batch,
+        sim_speed=args.sim_speed,
+        replay_loop=args.replay_loop,
+        drain_timeout=args.drain_timeout,
+        log_prompts=args.log_prompts,
+        admin_remote=args.admin_remote,
+        public_url=args.public_url,
+        gpus=gpus,
+        strategy=args.strategy,
+    )
+
+
+class StartupError(Exception):
+    """A reason not to start, printed as one line."""
+
+
+@dataclass
+class Assembly:
+    """The built parts of one daemon; `serve` runs it, tests may build one directly."""
+
+    runtime: Runtime
+    app: web.Application
+    source: TelemetrySource
+    sampler: Sampler
+
+
+def load_initial_policy(settings: Settings) -> LoadedPolicy:
+    if settings.policy is None:
+        return builtin_policy()
+    try:
+        return load_policy_file(settings.policy)
+    except PolicyFileError as exc:
+        raise StartupError("invalid policy:\n" + "\n".join(exc.lines)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot read policy {settings.policy}: {exc}") from None
+
+
+def assemble(
+    settings: Settings,
+    clock: Clock,
+    registry: CollectorRegistry,
+    *,
+    engine: Engine | None = None,
+    source: TelemetrySource | None = None,
+    store: QuotaStore | None = None,
+) -> Assembly:
+    """Build every part from settings; tests pass their own engine, source or store."""
+    loaded = load_initial_policy(settings)
+    if store is None:
+        try:
+            store = open_store(settings.store)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+
+    # The simulated GPU and the sim engine feed each other (busy time in, thermal slowdown
+    # out), so each reads the other late through this holder.
+    holder: dict[str, object] = {}
+
+    def busy_seconds() -> float:
+        engine = holder.get("engine")
+        return engine.busy_seconds() if engine is not None else 0.0  # type: ignore[attr-defined]
+
+    def slowdown() -> float:
+        source = holder.get("source")
+        return source.slowdown_factor() if isinstance(source, SimulatedGpu) else 1.0
+
+    def inflight() -> int:
+        runtime = holder.get("runtime")
+        return runtime.active_requests if isinstance(runtime, Runtime) else 0
+
+    note: str | None = None
+    if source is None:
+        try:
+            source, note = open_source(
+                settings.telemetry, clock=clock, busy_seconds=busy_seconds, inflight=inflight,
+                sim_speed=settings.sim_speed, replay_loop=settings.replay_loop,
+                gpu_indices=settings.gpus,
+            )
+        except (NvmlUnavailable, TelemetrySpecError) as exc:
+            raise StartupError(f"--telemetry {settings.telemetry}: {exc}") from None
+    holder["source"] = source
+    if engine is None:
+        try:
+            engine = build_engine(settings.model, max_batch=settings.max_batch, clock=clock,
+                                  sim_speed=settings.sim_speed, sim_slowdown=slowdown)
+        except ModelNotFound as exc:
+            raise StartupError(str(exc)) from None
+    holder["engine"] = engine
+
+    runtime_ref: list[Runtime] = []
+    try:
+        gate = make_gate(settings.strategy, loaded.policy, store, clock,
+                         on_event=lambda event: runtime_ref[0].on_event(event))
+    except ValueError as exc:
+        raise StartupError(f"--strategy {settings.strategy}: {exc}") from None
+    runtime = Runtime(settings, clock=clock, engine=engine, gate=gate, loaded=loaded)
+    runtime_ref.append(runtime)
+    holder["runtime"] = runtime
+    runtime.telemetry_kind = source.kind
+    runtime.telemetry_note = note
+
+    pressure = loaded.policy.pressure
+    sampler = Sampler(
+        source, clock=clock, interval=pressure.sample_interval, stale_after=pressure.stale_after,
+        on_snapshot=lambda snap: runtime.observe(snap.samples, clock.monotonic()),
+        on_tick=lambda now: runtime.observe(None, now),
+    )
+    register_telemetry_metrics(registry, sampler, clock=clock,
+                               requested=requested_label(settings.telemetry))
+
+    def retune(policy: Policy) -> None:
+        sampler.set_interval(policy.pressure.sample_interval)
+        sampler.set_stale_after(policy.pressure.stale_after)
+
+    runtime.on_policy_change = retune
+    app = create_app(runtime, registry)
+    app.cleanup_ctx.append(_resources_ctx(sampler, source, store, runtime))
+    return Assembly(runtime, app, source, sampler)
+
+
+def _resources_ctx(
+    sampler: Sampler, source: TelemetrySource, store: QuotaStore, runtime: Runtime
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        runtime.observe((), runtime.clock.monotonic())
+        sampler.start()
+        yield
+        await sampler.stop()  # closes the source, unless a read is hung inside the driver
+        await store.close()
+
+    return ctx
+
+
+async def _watch_policy(runtime: Runtime, interval: float) -> None:
+    """Reload when the file's content changes (editors replace files, so compare bytes)."""
+    path = runtime.policy_path
+    if path is None or interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        with contextlib.suppress(OSError):
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            unseen = digest not in (runtime.loaded.sha256, runtime.rejected_sha256)
+            if unseen and not runtime.reload("file_change"):
+                runtime.rejected_sha256 = digest
+
+
+async def serve(settings: Settings) -> int:
+    clock = SystemClock()
+    registry = CollectorRegistry()
+    assembly = assemble(settings, clock, registry)
+    runtime = assembly.runtime
+    if runtime.telemetry_note:
+        log.warning("telemetry.fallback", source=runtime.telemetry_kind,
+                    reason=runtime.telemetry_note)
+    if not runtime.loaded.policy.api_keys:
+        log.info("policy.no_keys", hint="add keys: `meltguard policy hash-key SECRET`, put the "
+                 "hex under api_keys in a policy file, run with --policy FILE")
+
+    runner = web.AppRunner(assembly.app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    await site.start()
+    log.info("meltguard.listening", url=settings.base_url, model=runtime.engine.name,
+             telemetry=runtime.telemetry_kind, policy=settings.policy or "built-in",
+             store=settings.store)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: runtime.reload("sighup"))
+    watcher = asyncio.create_task(_watch_policy(runtime, settings.policy_poll))
+    _notify_systemd("READY=1")
+    await stop.wait()
+
+    _notify_systemd("STOPPING=1")
+    runtime.accepting = False
+    log.info("meltguard.draining", active=runtime.active_requests,
+             deadline_s=settings.drain_timeout)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(runtime.wait_idle(), settings.drain_timeout)
+    watcher.cancel()
+    await runner.cleanup()
+    log.info("meltguard.stopped", abandoned=runtime.active_requests)
+    return 0
+
+
+def _notify_systemd(state: str) -> None:
+    """sd_notify without a dependency: one datagram to $NOTIFY_SOCKET when systemd set it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
+
+
+def run_serve(settings: Settings) -> int:
+    configure_logging(settings.log_format)
+    try:
+        return asyncio.run(serve(settings))
+    except StartupError as exc:
+        print(f"meltguard: {exc}", file=sys.stderr)
+        return 1

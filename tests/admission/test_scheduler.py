@@ -1,0 +1,368 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from meltguard.admission.policy import Level, Policy, parse_policy
+from meltguard.admission.scheduler import QueueTimeout, Scheduler, Slot
+from meltguard.clock import FakeClock
+
+
+def make_policy(limit: int = 2, min_limit: int = 1, **tier_overrides: Any) -> Policy:
+    tiers: dict[str, Any] = {
+        "free": {"priority": 0, "max_concurrent": 1, "max_queue_wait": "20s"},
+        "plus": {"priority": 1, "max_concurrent": 2, "max_queue_wait": "60s"},
+        "pro": {"priority": 2, "max_concurrent": 4, "max_queue_wait": "120s"},
+    }
+    for name, extra in tier_overrides.items():
+        tiers[name] = {**tiers[name], **extra}
+    return parse_policy({
+        "version": 1,
+        "tiers": tiers,
+        "concurrency": {"limit": limit, "min_limit": min_limit},
+        "actions": {"elevated": {"free": {"concurrency_factor": 0.5}},
+                    "critical": {"pro": {"concurrency_factor": 0.5}}},
+    })
+
+
+class ManualTimers:
+    """A call_later that only fires when the test says so."""
+
+    def __init__(self) -> None:
+        self.armed: list[tuple[float, Callable[[], None], ManualTimers.Handle]] = []
+
+    class Handle:
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    def __call__(self, delay: float, callback: Callable[[], None]) -> ManualTimers.Handle:
+        handle = ManualTimers.Handle()
+        self.armed.append((delay, callback, handle))
+        return handle
+
+    def fire_all(self) -> None:
+        armed, self.armed = self.armed, []
+        for _, callback, handle in armed:
+            if not handle.cancelled:
+                callback()
+
+
+async def spin(rounds: int = 5) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+class Harness:
+    def __init__(self, policy: Policy, level: Level = Level.NORMAL) -> None:
+        self.clock = FakeClock()
+        self.timers = ManualTimers()
+        self.sched = Scheduler(policy, self.clock, level=level, call_later=self.timers)
+        self.order: list[str] = []
+
+    def start(self, tier: str, tenant: str, label: str, cost: float = 1.0,
+              max_wait: float | None = 100.0) -> asyncio.Task[Slot]:
+        async def run() -> Slot:
+            slot = await self.sched.acquire(tier, tenant, cost, max_wait)
+            self.order.append(label)
+            return slot
+        return asyncio.create_task(run())
+
+
+async def test_a_free_slot_is_granted_without_waiting() -> None:
+    h = Harness(make_policy())
+    slot = await h.sched.acquire("pro", "a", 1.0, 10.0)
+    assert slot.waited == 0.0 and h.sched.inflight_total == 1
+    slot.release()
+    slot.release()  # twice is harmless
+    assert h.sched.inflight_total == 0
+
+
+async def test_highest_priority_goes_first() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, None)
+    tasks = [h.start("free", "f", "free"), h.start("plus", "p", "plus"),
+             h.start("pro", "q", "pro")]
+    await spin()
+    assert h.sched.queue_depth() == {"pro": 1, "plus": 1, "free": 1}
+    holder.release()
+    for _ in range(3):
+        await spin()
+        running = [t.result() for t in tasks if t.done() and not t.result().released]
+        assert len(running) == 1
+        running[0].release()
+    assert h.order == ["pro", "plus", "free"]
+
+
+async def test_tenants_take_turns_inside_a_tier_and_each_is_fifo() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, None)
+    tasks = [h.start("pro", "a", f"a{i}") for i in range(1, 4)]
+    tasks += [h.start("pro", "b", "b1"), h.start("pro", "c", "c1"), h.start("pro", "b", "b2")]
+    await spin()
+    holder.release()
+    for _ in range(len(tasks)):
+        await spin()
+        running = [t for t in tasks if t.done() and not t.result().released]
+        assert len(running) == 1
+        running[0].result().release()
+    assert h.order == ["a1", "b1", "c1", "a2", "b2", "a3"]
+
+
+async def test_per_tenant_cap_holds_a_tenant_but_not_others() -> None:
+    h = Harness(make_policy(limit=3))
+    first = await h.sched.acquire("free", "a", 1.0, None)
+    second_a = h.start("free", "a", "a2")
+    other = h.start("free", "b", "b1")
+    await spin()
+    assert h.order == ["b1"] and not second_a.done()
+    assert not h.sched.can_start("free", "a") and h.sched.can_start("pro", "a")
+    first.release()
+    await spin()
+    assert h.order == ["b1", "a2"]
+    other.result().release()
+    second_a.result().release()
+
+
+async def test_per_tier_cap_follows_the_level() -> None:
+    h = Harness(make_policy(limit=4), level=Level.CRITICAL)
+    assert h.sched.tier_cap("pro") == 2 and h.sched.tier_cap("plus") == 4
+    tasks = [h.start("pro", f"t{i}", f"p{i}") for i in range(3)]
+    await spin()
+    assert h.order == ["p0", "p1"] and h.sched.inflight()["pro"] == 2
+    # The third pro waits for its tier, yet a lower tier may use the idle slot.
+    plus = h.start("plus", "x", "plus")
+    await spin()
+    assert h.order == ["p0", "p1", "plus"]
+    h.sched.set_level(Level.NORMAL)
+    await spin()
+    assert h.order == ["p0", "p1", "plus", "p2"]
+    for task in [*tasks, plus]:
+        task.result().release()
+
+
+async def test_tier_cap_is_at_least_one() -> None:
+    h = Harness(make_policy(limit=1), level=Level.ELEVATED)
+    assert h.sched.tier_cap("free") == 1  # floor(1 x 0.5) would starve the tier
+
+
+async def test_aimd_halves_on_drop_and_climbs_back_additively() -> None:
+    h = Harness(make_policy(limit=4, min_limit=1))
+    sched = h.sched
+    sched.record_drop()
+    assert sched.limit == 2
+    sched.record_drop()
+    sched.record_drop()
+    assert sched.limit == 1 and sched.limit_value == 1.0  # not below min_limit
+    sched.record_success(1.0, 1.0)
+    assert sched.limit_value == 2.0  # +1/limit
+    sched.record_success(1.0, 1.0)
+    assert sched.limit_value == 2.5
+    for _ in range(20):
+        sched.record_success(1.0, 1.0)
+    assert sched.limit == 4 and sched.limit_value == 4.0  # capped at the policy limit
+
+
+async def test_a_dropped_limit_holds_new_work_until_inflight_falls() -> None:
+    h = Harness(make_policy(limit=2))
+    a = await h.sched.acquire("pro", "a", 1.0, None)
+    b = await h.sched.acquire("pro", "b", 1.0, None)
+    h.sched.record_drop()
+    waiting = h.start("pro", "c", "c")
+    a.release()
+    await spin()
+    assert not waiting.done()  # in flight (1) is not below the halved limit (1)
+    b.release()
+    await spin()
+    assert waiting.done()
+    waiting.result().release()
+
+
+async def test_cancelled_waiter_leaves_the_queue() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, None)
+    task = h.start("pro", "a", "a")
+    await spin()
+    assert h.sched.queue_depth()["pro"] == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert h.sched.queue_depth()["pro"] == 0
+    assert all(handle.cancelled for _, _, handle in h.timers.armed)
+    holder.release()
+    assert h.sched.inflight_total == 0
+
+
+async def test_cancel_in_the_instant_of_a_grant_does_not_leak() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, None)
+    task = h.start("pro", "a", "a")
+    await spin()
+    holder.release()  # grants the waiter synchronously...
+    assert h.sched.inflight_total == 1
+    task.cancel()  # ...whose task is cancelled before it resumes
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert h.sched.inflight_total == 0 and h.sched.inflight()["pro"] == 0
+    again = await h.sched.acquire("pro", "b", 1.0, 0.0)
+    again.release()
+
+
+async def test_cancelled_future_at_the_head_is_skipped() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, None)
+    gone = h.start("pro", "a", "a")
+    kept = h.start("pro", "a", "a2")
+    await spin()
+    gone.cancel()
+    holder.release()  # runs before the cancelled task cleans up
+    await spin()
+    assert gone.cancelled() and h.order == ["a2"]
+    kept.result().release()
+    assert h.sched.inflight_total == 0 and h.sched.queue_depth()["pro"] == 0
+
+
+async def test_queue_timeout_on_the_clock() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, None)
+    task = h.start("pro", "a", "a", max_wait=5.0)
+    await spin()
+    assert [delay for delay, _, _ in h.timers.armed] == [5.0]
+    h.timers.fire_all()  # the loop timer fires, but the clock has not reached the deadline
+    await spin()
+    assert not task.done() and len(h.timers.armed) == 1  # re-armed
+    h.clock.advance(5.0)
+    h.timers.fire_all()
+    await spin()
+    with pytest.raises(QueueTimeout) as info:
+        await task
+    assert info.value.waited == 5.0
+    assert h.sched.queue_depth()["pro"] == 0
+    holder.release()
+
+
+async def test_overdue_waiters_expire_before_a_release_can_grant_them() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, None)
+    late = h.start("pro", "a", "a", max_wait=5.0)
+    fresh = h.start("pro", "b", "b", max_wait=50.0)
+    await spin()
+    h.clock.advance(6.0)
+    holder.release()
+    await spin()
+    with pytest.raises(QueueTimeout):
+        await late
+    assert h.order == ["b"]
+    fresh.result().release()
+
+
+async def test_zero_wait_budget_times_out_at_once_when_full() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, None)
+    with pytest.raises(QueueTimeout):
+        await h.sched.acquire("pro", "a", 1.0, 0.0)
+    assert h.sched.queue_depth()["pro"] == 0
+    holder.release()
+
+
+async def test_estimate_needs_a_measurement() -> None:
+    h = Harness(make_policy(limit=2))
+    assert h.sched.estimate_wait("free", 1.0) is None
+    assert h.sched.drain_estimate() == 0.0
+    h.sched.record_success(10.0, 2.0)  # 5 s per reference image
+    assert h.sched.service_seconds_per_cost == 5.0
+    assert h.sched.estimate_wait("free", 1.0) == 0.0  # a slot is free
+
+
+async def test_estimate_counts_same_or_higher_priority_and_overflow() -> None:
+    h = Harness(make_policy(limit=2))
+    h.sched.record_success(10.0, 1.0)  # EWMA starts at the first sample: 10 s per image
+    slots = [await h.sched.acquire("pro", f"t{i}", 1.0, None) for i in range(2)]
+    waiters = [h.start("plus", "p", "p1", cost=1.0), h.start("free", "f", "f1", cost=3.0)]
+    await spin()
+    # Full GPU: 1 overflow; plus sees itself behind the plus waiter, free behind both.
+    assert h.sched.estimate_wait("pro", 2.0) == pytest.approx((0 + 1) * 10 * 2 / 2)
+    assert h.sched.estimate_wait("plus", 1.0) == pytest.approx((1 + 1) * 10 * 1 / 2)
+    assert h.sched.estimate_wait("free", 1.0) == pytest.approx((2 + 1) * 10 * 1 / 2)
+    assert h.sched.drain_estimate() == pytest.approx((1 + 3) * 10 / 2)
+    h.sched.record_success(20.0, 1.0)
+    assert h.sched.service_seconds_per_cost == pytest.approx(10 + 0.2 * (20 - 10))
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    for slot in slots:
+        slot.release()
+
+
+async def test_set_policy_keeps_queue_and_inflight() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, None)
+    queued = h.start("free", "f", "f")
+    await spin()
+    h.sched.set_policy(make_policy(limit=3))
+    await spin()
+    assert h.sched.limit == 3 and h.order == ["f"]
+    queued.result().release()
+    holder.release()
+    assert h.sched.inflight_total == 0
+
+
+async def test_reload_keeps_a_backed_off_limit_within_the_new_bounds() -> None:
+    h = Harness(make_policy(limit=8, min_limit=1))
+    h.sched.record_drop()
+    assert h.sched.limit == 4
+    h.sched.set_policy(make_policy(limit=16, min_limit=1))
+    assert h.sched.limit == 4  # still backing off: climbs back by successes
+    h.sched.set_policy(make_policy(limit=3, min_limit=1))
+    assert h.sched.limit == 3
+    h.sched.set_policy(make_policy(limit=10, min_limit=1))
+    assert h.sched.limit == 10  # was at the old ceiling: follows the new one
+
+
+async def test_a_tier_removed_by_reload_still_drains() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, None)
+    queued = h.start("free", "f", "f")
+    await spin()
+    reduced = parse_policy({"version": 1, "tiers": {"pro": {"priority": 2}},
+                            "concurrency": {"limit": 1}})
+    h.sched.set_policy(reduced)
+    assert h.sched.queue_depth() == {"pro": 0, "free": 1}
+    holder.release()
+    await spin()
+    assert h.order == ["f"]
+    queued.result().release()
+    assert h.sched.queue_depth() == {"pro": 0}
+    with pytest.raises(KeyError):
+        await h.sched.acquire("free", "f", 1.0, None)
+
+
+class TickingClock(FakeClock):
+    """Moves a microsecond on every reading, as a real clock would."""
+
+    def monotonic(self) -> float:
+        self.advance(1e-6)
+        return super().monotonic()
+
+
+async def test_an_immediate_grant_reports_no_wait_on_a_ticking_clock() -> None:
+    sched = Scheduler(make_policy(), TickingClock(), call_later=ManualTimers())
+    slot = await sched.acquire("pro", "a", 1.0, 10.0)
+    assert slot.waited == 0.0
+    slot.release()
+
+
+async def test_the_loop_timer_expires_a_waiter_on_the_real_clock() -> None:
+    from meltguard.clock import SystemClock
+
+    sched = Scheduler(make_policy(limit=1), SystemClock())  # default: loop.call_later
+    holder = await sched.acquire("pro", "holder", 1.0, None)
+    with pytest.raises(QueueTimeout) as info:
+        await asyncio.wait_for(sched.acquire("pro", "a", 1.0, 0.02), timeout=5.0)
+    assert info.value.waited >= 0.02
+    assert sched.queue_depth()["pro"] == 0
+    holder.release()
