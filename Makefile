@@ -7,7 +7,7 @@ APT_PKGS := redis-server prometheus
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck bench bench-engine bench-admission bench-stores soak apt clean
+.PHONY: run test lint bench bench-quick bench-engine bench-admission bench-stores soak apt clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -47,6 +47,11 @@ bench-stores: $(STAMP) apt
 
 bench: $(STAMP)
 	$(VENV)/bin/meltguard bench
+
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	mkdir -p bench-results
+	$(PY) -m meltguard.soak --seconds $(SOAK_SECONDS) --json bench-results/soak.json
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -106,8 +106,9 @@ class Daemon:
                 timeout: float = 30.0) -> tuple[int, dict[str, str], Any]:
         """One HTTP call with the stdlib; returns status, headers, parsed JSON (or text)."""
         data = json.dumps(body).encode() if body is not None else None
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
         req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+                                     headers=all_headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, dict(resp.headers), _parse(resp.read())

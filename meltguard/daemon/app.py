@@ -204,7 +204,8 @@ async def _error_with_quota(request: web.Request, exc: ServiceError) -> web.Resp
     if caller is not None:
         runtime = request.app[RUNTIME]
         outcome = exc.quota if isinstance(exc.quota, QuotaOutcome) else None
-        if outcome is None:
+        # The store just failed; asking it again for headers would double the outage's cost.
+        if outcome is None and exc.code is not ErrorCode.QUOTA_STORE_UNAVAILABLE:
             try:
                 outcome = await runtime.gate.quota_status(caller)
             except Exception:  # the store being down must not turn a 4xx into a 500

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        default=_env("log-format", "json"))
     serve.add_argument("--max-batch", type=int, default=int(_env("max-batch", 4)))
     serve.add_argument("--drain-timeout", type=float, default=float(_env("drain-timeout", 30)))
+    serve.add_argument("--idle-timeout", type=float, default=float(_env("idle-timeout", 75)),
+                       help="close a connection that sends nothing for this long (seconds)")
     serve.add_argument("--log-prompts", action="store_true", default=_env_bool("log-prompts"),
                        help="include prompts in log lines (off: prompts are private)")
     serve.add_argument("--admin-remote", action="store_true", default=_env_bool("admin-remote"),

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from meltguard.admission.policy import Policy
 from meltguard.clock import SystemClock
-from meltguard.daemon.app import create_app
+from meltguard.daemon.app import abandon_inflight, create_app
 from meltguard.daemon.logs import configure_logging
 from meltguard.daemon.policy_file import (
     LoadedPolicy,
@@ -62,6 +62,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         sim_speed=args.sim_speed,
         replay_loop=args.replay_loop,
         drain_timeout=args.drain_timeout,
+        idle_timeout=args.idle_timeout,
         log_prompts=args.log_prompts,
         admin_remote=args.admin_remote,
         public_url=args.public_url,
@@ -217,7 +218,11 @@ async def serve(settings: Settings) -> int:
         log.info("policy.no_keys", hint="add keys: `meltguard policy hash-key SECRET`, put the "
                  "hex under api_keys in a policy file, run with --policy FILE")
 
-    runner = web.AppRunner(assembly.app, handler_cancellation=True, access_log=None)
+    # keepalive_timeout also bounds a connection that never sends a whole request (aiohttp
+    # arms it at accept; its default is 3630 s); shutdown_timeout is short because the drain
+    # below has already waited for in-flight work.
+    runner = web.AppRunner(assembly.app, handler_cancellation=True, access_log=None,
+                           keepalive_timeout=settings.idle_timeout, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
     await site.start()
@@ -240,9 +245,15 @@ async def serve(settings: Settings) -> int:
              deadline_s=settings.drain_timeout)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(runtime.wait_idle(), settings.drain_timeout)
+    # Past the deadline: what is left answers 503 shutting_down (quota refunded) while its
+    # client is still connected, instead of being cut off by runner.cleanup().
+    abandoned = abandon_inflight(assembly.app)
+    if abandoned:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runtime.wait_idle(), 1.0)
     watcher.cancel()
     await runner.cleanup()
-    log.info("meltguard.stopped", abandoned=runtime.active_requests)
+    log.info("meltguard.stopped", abandoned=abandoned)
     return 0
 
 

@@ -22,6 +22,7 @@ class Settings:
     admin_remote: bool = False  # admin routes answer loopback peers only unless this is set
     log_prompts: bool = False
     drain_timeout: float = 30.0
+    idle_timeout: float = 75.0  # closes a connection idle, or mid-headers, this long
     body_timeout: float = 10.0  # a body that never finishes arriving gets 408 after this
     max_body_bytes: int = 1 << 20
     url_ttl: float = 3600.0  # response_format=url images are served this long
