@@ -42,6 +42,9 @@ lint: $(STAMP)
 bench-engine: $(STAMP)
 	$(PY) -m meltguard.inference.bench
 
+bench-admission: $(STAMP) apt
+	$(PY) -m meltguard.daemon.bench_admission
+
 bench-stores: $(STAMP) apt
 	$(PY) -m meltguard.daemon.stores.bench
 

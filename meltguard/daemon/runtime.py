@@ -112,7 +112,9 @@ class Runtime:
         previous = self.pressure
         state = assess(self.samples, previous, policy, now)
         self.pressure = state
-        self.gate.set_pressure(state.level, cooling_eta(state, policy, now))
+        # The level can only drop at a sample, so a retry must land after the next one.
+        eta = cooling_eta(state, policy, now) + policy.pressure.sample_interval
+        self.gate.set_pressure(state.level, eta)
         if previous is None or previous.level != state.level:
             log.warning(
                 "pressure.level_changed",

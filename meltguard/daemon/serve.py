@@ -184,12 +184,25 @@ def _resources_ctx(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         runtime.observe((), runtime.clock.monotonic())
+        await _warm_store(store)
         sampler.start()
         yield
         await sampler.stop()  # closes the source, unless a read is hung inside the driver
         await store.close()
 
     return ctx
+
+
+async def _warm_store(store: QuotaStore) -> None:
+    """Open the store's connections before the first request instead of during a burst; an
+    unreachable store is logged, not fatal (on_store_error decides what that means)."""
+    ping = getattr(store, "ping", None)
+    if ping is None:
+        return
+    try:
+        await asyncio.gather(*(ping() for _ in range(4)))
+    except Exception as exc:
+        log.error("quota_store.unreachable_at_start", store=store.name, error=str(exc))
 
 
 async def _watch_policy(runtime: Runtime, interval: float) -> None:

@@ -181,6 +181,7 @@ class RedisQuotaStore:
         deadline: float = 0.2,
         caller_clock: bool = False,
         over_limit_cache: bool = True,
+        max_connections: int = 16,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
@@ -208,8 +209,12 @@ class RedisQuotaStore:
         self._deadline = deadline
         self._caller_clock = caller_clock
         self._use_cache = over_limit_cache
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
+        # A bounded pool: a burst waits (within the deadline) for a warm connection instead of
+        # dialling dozens of new ones, whose 50 ms connect timeout a busy loop can miss.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=deadline,
             socket_connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
             # No retries: a consume is not idempotent (a retry after a lost reply charges twice)
@@ -220,6 +225,7 @@ class RedisQuotaStore:
             driver_info=None,
             **options,
         )
+        self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._consume_script = self._client.register_script(_CONSUME)
         self._refund_script = self._client.register_script(_REFUND)
         self._peek_script = self._client.register_script(_PEEK)

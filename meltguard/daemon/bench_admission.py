@@ -1,0 +1,550 @@
+"""Admission hot-path benchmark: `python -m meltguard.daemon.bench_admission`.
+
+What it answers: how much of a request's server CPU the gate costs, measured as throughput
+of a trivial aiohttp route with and without it, and how the quota store behind the gate
+changes that. One process serves every case on one real listening port; the load comes from
+`wrk` (keep-alive, one thread, N connections) or, where wrk is missing, from an aiohttp
+client in a child process. The server saturates its one core, so requests/s is the inverse
+of server CPU per request and a ratio of two rates is a ratio of costs.
+
+Cases (every one a GET on the same server, answering the same tiny JSON body):
+- `bare`: the trivial route alone, the baseline;
+- `<store> admit`: the same route behind what the daemon does before the engine:
+  `gate.authenticate`, `gate.admit` (validate, degrade at the pressure level, quota windows
+  charged in the store, concurrency slot), `permit.settle`, the events turned into
+  Prometheus series and one structlog JSON line (the daemon's own `configure_logging`,
+  written to /dev/null), and the rate-limit headers every authenticated answer carries;
+- `<store> reject`: an over-quota key: the gate refuses with `daily_quota_exceeded`, and the
+  answer is the daemon's own error response with its headers.
+The gate, runtime and metrics come from `serve.assemble` (the daemon's wiring) with the
+store from `open_store` (production timeouts); Redis is a throwaway redis-server on a free
+port.
+
+The box is shared and noisy: every round runs every case once, in a rotated order, and each
+ratio is the median over rounds of the ratio measured within one round.
+
+Targets: issue 4, memory admit >= 0.7x bare and memory reject >= 0.8x bare; issue 5, redis
+reject >= 0.8x memory reject and sqlite admit >= 0.5x memory admit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import hashlib
+import io
+import json
+import os
+import platform
+import pstats
+import re
+import shutil
+import socket
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from meltguard.admission.cost import ImageAsk
+from meltguard.admission.gate import Gate
+from meltguard.clock import SystemClock
+from meltguard.daemon.errors import error_response
+from meltguard.daemon.logs import configure_logging
+from meltguard.daemon.metrics import Metrics
+from meltguard.daemon.policy_file import load_policy_file
+from meltguard.daemon.ratelimit_headers import ratelimit_headers
+from meltguard.daemon.runtime import Runtime
+from meltguard.daemon.serve import assemble
+from meltguard.daemon.settings import Settings
+from meltguard.daemon.stores.bench import redis_server
+from meltguard.daemon.stores.select import open_store
+from meltguard.errors import ServiceError
+from meltguard.protocols import QuotaStore
+from meltguard.values import QuotaOutcome, Size
+
+ADMIT_KEY = "sk-bench-admit"
+REJECT_KEY = "sk-bench-over-quota"
+STORES = ("memory", "sqlite", "redis")
+SILENT = "memory, no events"
+BODY = b'{"ok":true}'
+# The shape of a real tier: a daily and a per-minute window. The admit tenant never runs
+# out; the over-quota tenant spends its one image of the day in the warm-up.
+POLICY = """version: 1
+tiers:
+  bench: {{priority: 1, max_concurrent: 64, max_queue_wait: 30s,
+          quotas: [{{limit: 1000000000000, per: 1d}}, {{limit: 1000000000000, per: 1m}}]}}
+  capped: {{priority: 0, quotas: [{{limit: 1, per: 1d}}, {{limit: 1000, per: 1m}}],
+           max_concurrent: 64, max_queue_wait: 30s}}
+api_keys:
+  - {{key_sha256: "{admit}", tenant: bench, tier: bench}}
+  - {{key_sha256: "{reject}", tenant: capped, tier: capped}}
+concurrency: {{limit: 64}}
+"""
+# The default cost reference: every request costs exactly one image.
+ASK = ImageAsk(prompt="a lighthouse at dusk", size=Size(512, 512), steps=30)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    case: str
+    baseline: str
+    at_least: float
+    issue: str
+
+
+TARGETS = (
+    Target("memory admit", "bare", 0.7, "4"),
+    Target("memory reject", "bare", 0.8, "4"),
+    Target("redis reject", "memory reject", 0.8, "5"),
+    Target("sqlite admit", "memory admit", 0.5, "5"),
+)
+# Shown alongside the targets, so every store is read against memory on both paths.
+EXTRA_RATIOS = (
+    ("sqlite reject", "memory reject"),
+    ("redis admit", "memory admit"),
+    ("memory admit", "memory reject"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    name: str
+    path: str
+    key: str | None
+    expect_ok: bool
+
+
+@dataclass
+class Load:
+    requests: int
+    seconds: float
+    bad: int  # answers of the wrong kind: non-2xx on an admit path, 2xx on a reject path
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Results:
+    tool: str
+    connections: int
+    seconds: float
+    rounds: int
+    rates: dict[str, list[float]] = field(default_factory=dict)
+    bad: dict[str, int] = field(default_factory=dict)
+    store_errors: dict[str, float] = field(default_factory=dict)
+    redis_version: str = ""
+    load: tuple[float, float] = (0.0, 0.0)
+
+    def ratio(self, case: str, baseline: str) -> float:
+        pairs = zip(self.rates[case], self.rates[baseline], strict=True)
+        return statistics.median(a / b for a, b in pairs)
+
+    def median(self, case: str) -> float:
+        return statistics.median(self.rates[case])
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+def _sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _runtime(store_label: str, store: QuotaStore, policy_path: Path) -> Runtime:
+    """The daemon's own wiring (serve.assemble) around one store; nothing is started, so
+    pressure stays at normal and no sampler competes for the core."""
+    settings = Settings(policy=str(policy_path), model="sim", telemetry="sim",
+                        store=store_label, policy_poll=0)
+    assembly = assemble(settings, SystemClock(), CollectorRegistry(), store=store)
+    assert isinstance(assembly.runtime.metrics, Metrics)
+    return assembly.runtime
+
+
+def _silent_gate(policy_path: Path) -> Gate:
+    """The same gate with its events dropped: the difference to `memory admit` is what the
+    events cost (Prometheus series and the decision's log line)."""
+    policy = load_policy_file(policy_path).policy
+    return Gate(policy, open_store("memory"), SystemClock(), on_event=lambda event: None)
+
+
+def _gated(gate: Gate) -> Callable[[web.Request], Awaitable[web.Response]]:
+    clock = SystemClock()
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            caller = gate.authenticate(request.headers.get("Authorization"),
+                                       request.remote or "unknown")
+            # As the daemon's handler does: the decision's log line names the caller.
+            structlog.contextvars.bind_contextvars(tenant=caller.tenant, tier=caller.tier)
+            permit = await gate.admit(caller, ASK)
+        except ServiceError as exc:
+            response = error_response(exc)
+            if isinstance(exc.quota, QuotaOutcome):
+                response.headers.update(ratelimit_headers(exc.quota, clock.wall()))
+            return response
+        # The engine would run here; settling at once keeps the route trivial.
+        permit.settle("success", seconds=0.001)
+        headers = ratelimit_headers(permit.quota, clock.wall()) if permit.quota else {}
+        return web.Response(body=BODY, content_type="application/json", headers=headers)
+
+    return handler
+
+
+async def _bare(request: web.Request) -> web.Response:
+    return web.Response(body=BODY, content_type="application/json")
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    # The daemon's runner settings: no access log (the gate's one line is what is measured).
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.SockSite(runner, sock, backlog=1024)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+# -- load generators ----------------------------------------------------------------------------
+
+_WRK_REQUESTS = re.compile(r"(\d+) requests in ([0-9.]+)(us|ms|s|m)")
+_WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+async def _run_wrk(wrk: str, url: str, key: str | None, seconds: float, connections: int,
+                   expect_ok: bool) -> Load:
+    args = [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s"]
+    if key is not None:
+        args += ["-H", f"Authorization: Bearer {key}"]
+    proc = await asyncio.create_subprocess_exec(
+        *args, url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    text = out.decode(errors="replace")
+    match = _WRK_REQUESTS.search(text)
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}):\n{text}")
+    requests = int(match.group(1))
+    elapsed = float(match.group(2)) * _UNITS[match.group(3)]
+    non2xx = _WRK_NON2XX.search(text)
+    failed = int(non2xx.group(1)) if non2xx else 0
+    return Load(requests, elapsed, failed if expect_ok else requests - failed)
+
+
+async def _run_client(url: str, key: str | None, seconds: float, connections: int,
+                      expect_ok: bool) -> Load:
+    """The fallback: an aiohttp client in a child process, so it does not share the server's
+    event loop (it does share the box's other core, as wrk would)."""
+    args = [sys.executable, "-m", "meltguard.daemon.bench_admission", "--load-generator", url,
+            "--seconds", str(seconds), "--connections", str(connections)]
+    if key is not None:
+        args += ["--key", key]
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode})")
+    report = json.loads(out)
+    ok = int(report["ok"])
+    requests = int(report["requests"])
+    return Load(requests, float(report["seconds"]), requests - ok if expect_ok else ok)
+
+
+async def _generate_load(url: str, key: str | None, seconds: float, connections: int) -> None:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    stop_at = time.perf_counter() + seconds
+    counts = {"requests": 0, "ok": 0}
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < stop_at:
+            async with session.get(url, headers=headers) as resp:
+                await resp.read()
+                counts["requests"] += 1
+                counts["ok"] += resp.status < 300
+
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    print(json.dumps({**counts, "seconds": elapsed}))
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def _cases() -> list[Case]:
+    cases = [Case("bare", "/bare", None, True)]
+    for store in (*STORES, SILENT):
+        cases.append(Case(f"{store} admit", f"/{_slug(store)}/admit", ADMIT_KEY, True))
+        cases.append(Case(f"{store} reject", f"/{_slug(store)}/reject", REJECT_KEY, False))
+    return cases
+
+
+async def run(args: argparse.Namespace, work: Path, redis_url: str) -> Results:
+    policy_path = work / "policy.yaml"
+    policy_path.write_text(POLICY.format(admit=_sha(ADMIT_KEY), reject=_sha(REJECT_KEY)))
+    specs = {"memory": "memory", "sqlite": f"sqlite:{work / 'quota.sqlite3'}",
+             "redis": redis_url}
+    stores = {name: open_store(spec) for name, spec in specs.items()}
+    runtimes = {name: _runtime(specs[name], stores[name], policy_path) for name in STORES}
+    gates = {name: runtime.gate for name, runtime in runtimes.items()}
+    gates[SILENT] = _silent_gate(policy_path)
+
+    app = web.Application()
+    app.router.add_get("/bare", _bare)
+    for name, gate in gates.items():
+        handler = _gated(gate)
+        app.router.add_get(f"/{_slug(name)}/admit", handler)
+        app.router.add_get(f"/{_slug(name)}/reject", handler)
+
+    wrk = None if args.no_wrk else shutil.which("wrk")
+    tool = f"wrk -t1 -c{args.connections}" if wrk else f"aiohttp client, {args.connections} conn"
+    results = Results(tool, args.connections, args.seconds, args.rounds)
+    cases = _cases()
+    results.rates = {case.name: [] for case in cases}
+    results.bad = {case.name: 0 for case in cases}
+
+    async def measure(case: Case, seconds: float) -> Load:
+        url = base + case.path
+        if wrk is not None:
+            return await _run_wrk(wrk, url, case.key, seconds, args.connections, case.expect_ok)
+        return await _run_client(url, case.key, seconds, args.connections, case.expect_ok)
+
+    def store_errors(name: str) -> float:
+        metrics = runtimes[name].metrics
+        assert metrics is not None
+        value = metrics.registry.get_sample_value(
+            "meltguard_quota_store_errors_total", {"store": stores[name].name})
+        return value or 0.0
+
+    warmup_errors: dict[str, float] = {}
+    try:
+        async with serving(app) as base:
+            # Warm-up: connections, script loads, sqlite pages, and the capped tenant's one
+            # image of the day, so every later request on its path is refused. A cold Redis
+            # pool meeting 16 connections at once may time out a few dials (fail-open
+            # admissions); only errors in the timed rounds are reported.
+            for case in cases:
+                await measure(case, args.warmup)
+            warmup_errors = {name: store_errors(name) for name in STORES}
+            if args.profile:
+                await _profile(args.profile, cases, measure, args.seconds)
+            for round_index in range(args.rounds):
+                shift = round_index % len(cases)
+                for case in cases[shift:] + cases[:shift]:
+                    load = await measure(case, args.seconds)
+                    results.rates[case.name].append(load.rate)
+                    results.bad[case.name] += load.bad
+                print(f"round {round_index + 1}/{args.rounds}: "
+                      + ", ".join(f"{c.name} {results.rates[c.name][-1]:,.0f}/s" for c in cases),
+                      file=sys.stderr)
+    finally:
+        for name in STORES:
+            results.store_errors[name] = store_errors(name) - warmup_errors.get(name, 0.0)
+            await stores[name].close()
+    return results
+
+
+async def _profile(name: str, cases: Sequence[Case],
+                   measure: Callable[[Case, float], Awaitable[Load]], seconds: float) -> None:
+    """cProfile of the server's loop thread while one case runs; printed to stderr."""
+    case = next((c for c in cases if c.name == name), None)
+    if case is None:
+        raise SystemExit(f"--profile: no case {name!r}; cases: {[c.name for c in cases]}")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    load = await measure(case, seconds)
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    print(f"profile of {name!r}: {load.requests} requests (rate under the profiler, not "
+          f"comparable)\n{out.getvalue()}", file=sys.stderr)
+
+
+def report(results: Results) -> str:
+    def us(case: str) -> float:
+        return 1e6 / results.median(case)
+
+    lines = [
+        "# Admission hot-path benchmark",
+        "",
+        "`python -m meltguard.daemon.bench_admission`: requests/s of a trivial aiohttp route on "
+        "one event loop, bare and behind the daemon's admission gate (authenticate, admit with "
+        "quota and pressure, settle, Prometheus series, one structlog JSON line, rate-limit "
+        "headers), with each quota store, over keep-alive connections from "
+        f"{results.tool} against a real port. The server saturates one core, so a ratio of "
+        "rates is the inverse ratio of server CPU per request. *memory, no events* is the same "
+        "gate with its events dropped (no metrics, no log line), to split the cost.",
+        "",
+        f"{results.rounds} interleaved rounds of {results.seconds:g} s per case; rates are "
+        "medians over rounds, ratios are the median of the per-round ratios.",
+        "",
+        f"Host: {platform.machine()}, {os.cpu_count()} CPUs (shared with other work), Python "
+        f"{platform.python_version()}, aiohttp {aiohttp.__version__}, SQLite "
+        f"{sqlite3.sqlite_version}, Redis {results.redis_version} on loopback; load average "
+        f"{results.load[0]:.1f} at the start, {results.load[1]:.1f} at the end.",
+        "",
+    ]
+    if not results.tool.startswith("wrk"):
+        lines += [
+            "**wrk was not found**: the aiohttp client in Python is slower than the server's "
+            "bare route, so it, not the server, sets the bare rate, and every ratio to *bare* "
+            "reads better than it is. Install wrk (`apt-get install wrk`) for real figures.",
+            "",
+        ]
+    lines += [
+        "| case | requests/s | µs/request | wrong answers |",
+        "|---|---:|---:|---:|",
+    ]
+    for case, rates in results.rates.items():
+        lines.append(f"| {case} | {statistics.median(rates):,.0f} | {us(case):.1f} | "
+                     f"{results.bad[case]} |")
+    lines += [
+        "",
+        "| ratio | median | per round | target | |",
+        "|---|---:|---|---|---|",
+    ]
+    for target in TARGETS:
+        ratio = results.ratio(target.case, target.baseline)
+        rounds = ", ".join(
+            f"{a / b:.2f}" for a, b in zip(results.rates[target.case],
+                                           results.rates[target.baseline], strict=True))
+        verdict = "met" if ratio >= target.at_least else "**NOT met**"
+        lines.append(f"| {target.case} / {target.baseline} | {ratio:.2f}x | {rounds} | "
+                     f">= {target.at_least}x (issue {target.issue}) | {verdict} |")
+    for case, baseline in EXTRA_RATIOS:
+        lines.append(f"| {case} / {baseline} | {results.ratio(case, baseline):.2f}x | | | |")
+    errors = ", ".join(f"{k} {v:g}" for k, v in results.store_errors.items())
+
+    bare = us("bare")
+    budget_admit, budget_reject = bare / 0.7 - bare, bare / 0.8 - bare
+    lines += [
+        "",
+        f"Quota store errors during the timed rounds (each one a fail-open admission): "
+        f"{errors}.",
+        "",
+        "## Where the time goes",
+        "",
+        f"- The bare route costs {bare:.0f} µs of server CPU per request (aiohttp's parser, "
+        "routing, response writer and the socket write). The 0.7x and 0.8x targets leave the "
+        f"gate {budget_admit:.0f} µs per admission and {budget_reject:.0f} µs per refusal.",
+        f"- The gate adds {us('memory admit') - bare:.0f} µs to an admission and "
+        f"{us('memory reject') - bare:.0f} µs to a refusal with the memory store. Of that, "
+        f"the decision logic with the store (*no events*) is {us(SILENT + ' admit') - bare:.0f}"
+        f" / {us(SILENT + ' reject') - bare:.0f} µs, and the events (Prometheus series, the "
+        f"decision's JSON log line) {us('memory admit') - us(SILENT + ' admit'):.0f} / "
+        f"{us('memory reject') - us(SILENT + ' reject'):.0f} µs.",
+        f"- An admission costs {us('memory admit'):.0f} µs with memory, "
+        f"{us('sqlite admit'):.0f} µs with sqlite (each call hops to the store's thread and "
+        "back, and under load the event loop and that thread contend for the GIL) and "
+        f"{us('redis admit'):.0f} µs with Redis (one redis-py round trip). A refusal costs "
+        f"{us('memory reject'):.0f} µs with memory, {us('sqlite reject'):.0f} µs with sqlite "
+        f"and {us('redis reject'):.0f} µs with Redis, whose over-limit cache answers it "
+        "without a round trip.",
+        "- `--profile CASE` prints cProfile's view of the server during one extra run of a "
+        "case; py-spy (`py-spy record -p PID`) gives an undistorted one.",
+        "",
+        "## What would close the gaps",
+        "",
+        "No single change closes the gap: the cost is spread over many small steps, each a "
+        "few µs of interpreted Python. From py-spy profiles of the memory-store cases:",
+        "",
+        "1. The decision's log line is the largest single item among the events: stdlib "
+        "`json` rendering, an "
+        "ISO timestamp, contextvars merging and a flush per line. A renderer built for speed "
+        "(orjson with `BytesLoggerFactory`, a float timestamp, no per-line flush) cuts most "
+        "of it; the line itself is part of the product and stays.",
+        "2. Prometheus: `labels(...)` on every event takes a lock and builds a key; caching "
+        "the child per (tier, decision, reason) and per tier for the wait histogram leaves "
+        "only `inc()`/`observe()`.",
+        "3. The decision logic: `Policy.effective` rebuilds an `EffectiveTier` (and a pydantic "
+        "`TierAction()` default) per request and `quota_windows` rebuilds the window keys; both "
+        "depend only on (policy, tier, level, tenant) and can be cached until a reload or a "
+        "level change. The scheduler allocates a future and a waiter and runs its dispatch "
+        "loop three times even when a slot is free; a fast path that grants at once when "
+        "nothing is queued skips that. The memory store recomputes each window's id six times "
+        "per consume and builds two sets of state objects, and `ratelimit_headers` formats "
+        "five headers per answer.",
+        "4. sqlite: batch the consumes that arrive together into one job on the store's "
+        "thread (one hop and one transaction for many requests), or run the uncontended "
+        "`BEGIN IMMEDIATE` on the loop thread with `busy_timeout=0` and fall back to the "
+        "thread only on SQLITE_BUSY.",
+        "",
+        "Even with all of that, a pure-Python gate on this box costs tens of µs against a "
+        f"{bare:.0f} µs bare route. Next to what an admitted image then costs (the engine "
+        "takes 0.1 s to many seconds) that is noise; where it counts is how fast the daemon "
+        "refuses a flood, which is what the reject ratios measure.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meltguard.daemon.bench_admission")
+    # Whole seconds: wrk takes no fractions.
+    parser.add_argument("--seconds", type=int, default=2, help="one timed run of a case")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--no-wrk", action="store_true", help="use the aiohttp client")
+    parser.add_argument("--profile", metavar="CASE",
+                        help="cProfile the server during one extra run of CASE (e.g. "
+                             "'memory admit') and print the top functions")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/admission.md"))
+    parser.add_argument("--load-generator", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--key", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+
+    if args.load_generator:
+        asyncio.run(_generate_load(args.load_generator, args.key, args.seconds,
+                                   args.connections))
+        return 0
+
+    # The daemon's own logging, with the stream swapped for /dev/null: the cost of rendering
+    # and writing each line is measured, the terminal is spared.
+    configure_logging("json")
+    with open(os.devnull, "w") as sink:
+        structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=sink))
+        with tempfile.TemporaryDirectory(prefix="meltguard-bench-") as tmp:
+            work = Path(tmp)
+            load_before = os.getloadavg()[0]
+            with redis_server(work) as (url, version):
+                results = asyncio.run(run(args, work, url))
+            results.redis_version = version
+            results.load = (load_before, os.getloadavg()[0])
+    text = report(results)
+    sys.stdout.write(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

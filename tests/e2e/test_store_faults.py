@@ -1,0 +1,194 @@
+"""Issue 5: Redis stopped and Redis frozen (SIGSTOP) under a running daemon.
+
+Two daemons run side by side on one Redis (separate databases), one with
+`on_store_error: open`, one with `closed`. Through both faults each must answer within its
+store deadline, admit (open) or refuse with `quota_store_unavailable` (closed), never answer
+500, and count exactly again once Redis is back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import (
+    Daemons,
+    RedisServer,
+    auth,
+    error_code,
+    generate,
+    header,
+    log_events,
+    metric,
+    metric_sum,
+    policy_yaml,
+    wait_for,
+)
+from tests.process import Daemon
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 8
+PER_FAULT = 2
+# The Redis store's own deadline is 0.2 s per call; an error answer may also peek at the
+# quota for its headers (a second call). The rest is headroom for a loaded 2-core box.
+ANSWER_WITHIN = 1.5
+STORE_ERRORS = "meltguard_quota_store_errors_total"
+DECISIONS = "meltguard_admission_decisions_total"
+FAIL_OPEN = {"tier": "team", "reason": "fail_open"}
+
+
+@dataclass
+class Replica:
+    mode: str
+    daemon: Daemon
+    statuses: list[int] = field(default_factory=list)
+
+    def image(self) -> tuple[int, dict[str, str], Any, float]:
+        started = time.monotonic()
+        status, headers, body = generate(self.daemon, "team", timeout=10)
+        elapsed = time.monotonic() - started
+        self.statuses.append(status)
+        return status, headers, body, elapsed
+
+    def used(self) -> float | None:
+        """The tenant's count as the daemon reads it from Redis; None while it cannot."""
+        status, _, body = self.daemon.request("GET", "/v1/quota", headers=auth("team"),
+                                              timeout=10)
+        self.statuses.append(status)
+        return float(body["windows"][0]["used"]) if status == 200 else None
+
+
+@pytest.fixture
+def replicas(daemons: Daemons, redis_server: RedisServer) -> list[Replica]:
+    base = redis_server.url.rsplit("/", 1)[0]
+    pair = [
+        Replica(mode, daemons.make(
+            policy=policy_yaml(team_quota=f"{{limit: {LIMIT}, per: 1d}}", on_store_error=mode),
+            store=f"{base}/{db}", name=mode,
+        ))
+        for db, mode in ((1, "open"), (2, "closed"))
+    ]
+    daemons.start(*(r.daemon for r in pair))
+    return pair
+
+
+def test_redis_stopped_then_frozen_open_and_closed(
+    replicas: list[Replica], redis_server: RedisServer
+) -> None:
+    for replica in replicas:
+        for _ in range(2):
+            status, _, body, _ = replica.image()
+            assert status == 200, body
+        assert replica.used() == 2
+
+    # Stopped: connections are refused at once.
+    redis_server.stop()
+    for replica in replicas:
+        _check_outage(replica, fault="stopped")
+    redis_server.start()
+    for replica in replicas:
+        # Nothing reached Redis while it was down, so the counts are as they were.
+        assert _wait_used(replica) == 2
+        status, _, body, _ = replica.image()
+        assert status == 200, body
+        assert replica.used() == 3
+
+    # Frozen: the kernel still accepts connections, nothing ever answers.
+    redis_server.pause()
+    try:
+        for replica in replicas:
+            _check_outage(replica, fault="paused")
+    finally:
+        redis_server.resume()
+    for replica in replicas:
+        used = _wait_used(replica)
+        # A charge sent to the frozen server sits in its socket buffer and runs on SIGCONT
+        # although the daemon had given up on the reply: at most the attempts made.
+        assert 3 <= used <= 3 + PER_FAULT
+        left = int(LIMIT - used)
+        for _ in range(left):
+            status, _, body, _ = replica.image()
+            assert status == 200, body
+        status, headers, body, _ = replica.image()
+        assert status == 429 and error_code(body) == "daily_quota_exceeded", body
+        assert header(headers, "x-should-retry") == "false"
+        assert replica.used() == LIMIT
+
+    for replica in replicas:
+        assert 500 not in replica.statuses, (replica.mode, replica.statuses)
+        assert metric(replica.daemon, "meltguard_requests_total",
+                      {"tier": "team", "code": "500"}) == 0
+
+
+def _check_outage(replica: Replica, *, fault: str) -> None:
+    daemon = replica.daemon
+    errors_before = metric(daemon, STORE_ERRORS, {"store": "redis"})
+    fail_open_before = metric_sum(daemon, DECISIONS, FAIL_OPEN)
+    for attempt in range(PER_FAULT):
+        status, headers, body, elapsed = replica.image()
+        assert elapsed < ANSWER_WITHIN, (fault, replica.mode, elapsed)
+        if replica.mode == "open":
+            assert status == 200, (fault, body)
+        else:
+            assert status == 503, (fault, body)
+            assert error_code(body) == "quota_store_unavailable"
+            assert body["error"]["type"] == "server_error"
+            # Short and jittered: the store is usually back in moments.
+            assert 1 <= int(header(headers, "Retry-After") or 0) <= 2
+            assert 1000 <= int(header(headers, "retry-after-ms") or 0) <= 2000
+        # One failed store call per request, admitted or refused.
+        assert metric(daemon, STORE_ERRORS, {"store": "redis"}) == errors_before + attempt + 1
+
+    # The quota itself cannot be read either: a 503 in our vocabulary, not a 500.
+    status, _, body = daemon.request("GET", "/v1/quota", headers=auth("team"), timeout=10)
+    replica.statuses.append(status)
+    assert status == 503 and error_code(body) == "quota_store_unavailable", body
+    status, _, _ = daemon.request("GET", "/healthz", timeout=10)
+    assert status == 200
+
+    # One failed call per image request and one for the quota read.
+    assert metric(daemon, STORE_ERRORS, {"store": "redis"}) == errors_before + PER_FAULT + 1
+    fail_open = metric_sum(daemon, DECISIONS, FAIL_OPEN)
+    if replica.mode == "open":
+        assert fail_open == fail_open_before + PER_FAULT
+        decided = [e for e in log_events(daemon, "admission.decided")
+                   if e.get("reason") == "fail_open"]
+        assert decided and decided[-1]["decision"] == "admit", decided
+        # Requests here come one at a time, so none waited for a slot.
+        assert metric(daemon, DECISIONS, {**FAIL_OPEN, "decision": "admit"}) == fail_open
+        assert log_events(daemon, "quota_store.failed")
+    else:
+        assert fail_open == 0
+
+
+def _wait_used(replica: Replica) -> float:
+    """The count once the daemon reaches Redis again (it redials on the next call)."""
+    seen: list[float | None] = []
+
+    def reachable() -> bool:
+        seen.append(replica.used())
+        return seen[-1] is not None
+
+    wait_for(reachable, f"{replica.mode} daemon to read its quota from Redis again",
+             timeout=10, every=0.1)
+    value = seen[-1]
+    assert value is not None
+    return value
+
+
+def test_a_refusal_for_a_failed_store_costs_one_store_call(
+    daemons: Daemons, redis_server: RedisServer
+) -> None:
+    # The answer's rate-limit headers must not come from a second call to the store that
+    # just failed: that would double an outage's latency and its error count.
+    daemon = daemons.make(policy=policy_yaml(on_store_error="closed"), store=redis_server.url)
+    daemons.start(daemon)
+    redis_server.stop()
+    before = metric(daemon, STORE_ERRORS, {"store": "redis"})
+    status, _, body = generate(daemon, "team", timeout=10)
+    assert status == 503 and error_code(body) == "quota_store_unavailable", body
+    assert metric(daemon, STORE_ERRORS, {"store": "redis"}) == before + 1
