@@ -20,13 +20,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from meltguard.inference.errors import EngineFailure
+from meltguard.inference.errors import EngineFailure, EngineOutOfMemory
 from meltguard.protocols import Clock
 from meltguard.values import GenerationJob
 
 # Async so the simulator can sleep on its Clock; a blocking pipeline wraps itself with
 # loop.run_in_executor on its own single-thread executor (see diffusers_engine).
 BatchRunner = Callable[[Sequence[GenerationJob]], Awaitable[list[list[bytes]]]]
+
+
+class _LostResults(EngineFailure):
+    """The runner returned fewer or more results than jobs."""
 
 
 @dataclass(slots=True, eq=False)
@@ -147,7 +151,8 @@ class Batcher:
         try:
             results = await self._run_batch([waiter.job for waiter in batch])
             if len(results) != len(batch):
-                raise EngineFailure(
+                # An engine bug, not a bad job: running jobs alone would only hide it.
+                raise _LostResults(
                     f"engine returned {len(results)} results for a batch of {len(batch)} jobs"
                 )
         except asyncio.CancelledError:
@@ -155,11 +160,27 @@ class Batcher:
                 if not waiter.future.done():
                     waiter.future.set_exception(EngineFailure("engine closed during generation"))
             raise
-        except Exception as exc:
-            # Every job in the batch shared the call, so every one shares its failure.
+        except (EngineOutOfMemory, _LostResults) as exc:
+            # Memory ran out for the batch as a whole: every job shares that failure, and the
+            # gate backs off its concurrency instead of this loop retrying into the same wall.
             for waiter in batch:
                 if not waiter.future.done():
                     waiter.future.set_exception(exc)
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+            else:
+                # One bad job must not fail the strangers batched with it: run each alone.
+                try:
+                    for waiter in batch:
+                        await self._run_alone(waiter)
+                except asyncio.CancelledError:
+                    for waiter in batch:
+                        if not waiter.future.done():
+                            waiter.future.set_exception(
+                                EngineFailure("engine closed during generation"))
+                    raise
         else:
             for waiter, images in zip(batch, results, strict=True):
                 if not waiter.future.done():
@@ -167,3 +188,22 @@ class Batcher:
         finally:
             self._busy_total += max(self._clock.monotonic() - started, 0.0)
             self._busy_since = None
+
+    async def _run_alone(self, waiter: _Waiter) -> None:
+        if waiter.future.done():
+            return
+        try:
+            results = await self._run_batch([waiter.job])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+        else:
+            if waiter.future.done():
+                return
+            if len(results) == 1:
+                waiter.future.set_result(results[0])
+            else:
+                waiter.future.set_exception(_LostResults(
+                    f"engine returned {len(results)} results for a batch of 1 job"))

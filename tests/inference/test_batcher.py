@@ -137,6 +137,25 @@ async def test_an_error_reaches_every_job_of_the_batch() -> None:
     await batcher.close()
 
 
+async def test_one_bad_job_fails_alone_and_its_batch_mates_are_served() -> None:
+    calls: list[list[int]] = []
+
+    async def picky(jobs: Sequence[GenerationJob]) -> list[list[bytes]]:
+        calls.append([j.seed for j in jobs])
+        if any(j.seed == 13 for j in jobs):
+            raise ValueError("cannot encode prompt")
+        return [[f"{j.seed}".encode()] for j in jobs]
+
+    batcher = Batcher(picky, max_batch=4, clock=FakeClock())
+    results = await asyncio.gather(
+        *(batcher.submit(job(seed)) for seed in (12, 13, 14)), return_exceptions=True
+    )
+    assert results[0] == [b"12"] and results[2] == [b"14"]
+    assert isinstance(results[1], ValueError)
+    assert calls == [[12, 13, 14], [12], [13], [14]]
+    await batcher.close()
+
+
 async def test_a_cancelled_waiter_is_dropped_before_it_runs() -> None:
     clock = FakeClock()
     recorder = Recorder(clock, hold=True)
