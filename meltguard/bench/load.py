@@ -133,7 +133,14 @@ def parse_metrics(text: str, t: float) -> TelemetryPoint | None:
     temperature: float | None = None
     throttled = False
     level = 0
+    admitted = refused = 0.0
     for line in text.splitlines():
+        if line.startswith("meltguard_admission_decisions_total{"):
+            count = float(line.rpartition(" ")[2])
+            if 'decision="reject"' in line or 'decision="would_reject"' in line:
+                refused += count
+            else:
+                admitted += count
         if line.startswith("meltguard_gpu_temperature_celsius{") and f'gpu="{GPU}"' in line:
             temperature = float(line.rpartition(" ")[2])
         elif (line.startswith("meltguard_gpu_throttle_active{") and f'gpu="{GPU}"' in line
@@ -143,4 +150,4 @@ def parse_metrics(text: str, t: float) -> TelemetryPoint | None:
             level = int(float(line.rpartition(" ")[2]))
     if temperature is None:
         return None
-    return TelemetryPoint(t, temperature, throttled, level)
+    return TelemetryPoint(t, temperature, throttled, level, int(admitted), int(refused))

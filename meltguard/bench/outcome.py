@@ -52,6 +52,8 @@ class TelemetryPoint:
     temperature_c: float
     throttled: bool  # the card reports hw_thermal
     level: int  # the daemon's overall pressure level (0 normal .. 3 critical)
+    admitted: int = 0  # admission decisions so far that let a request through
+    refused: int = 0  # admission decisions so far that refused one
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class PointResult:
     throttled_s: float
     slowdown_c: float
     telemetry: tuple[TelemetryPoint, ...] = field(default=(), repr=False)
+    # (bin start, answered with images per second, refused per second), by arrival time
     admissions: tuple[tuple[float, float, float], ...] = field(default=(), repr=False)
 
     @property
@@ -144,11 +147,12 @@ class PointResult:
         }
         if series:
             out["telemetry"] = [
-                [round(p.t, 3), round(p.temperature_c, 3), int(p.throttled), p.level]
+                [round(p.t, 2), round(p.temperature_c, 2), int(p.throttled), p.level,
+                 p.admitted, p.refused]
                 for p in self.telemetry
             ]
-            out["admissions"] = [[round(a, 3), round(b, 4), round(c, 4)]
-                                 for a, b, c in self.admissions]
+            out["answers"] = [[round(a, 2), round(b, 4), round(c, 4)]
+                              for a, b, c in self.admissions]
         return out
 
 

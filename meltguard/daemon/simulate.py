@@ -28,6 +28,7 @@ from typing import Any
 
 from meltguard.admission.auth import Caller
 from meltguard.admission.cost import ImageAsk
+from meltguard.admission.events import Decided, Event
 from meltguard.admission.gate import Permit
 from meltguard.admission.policy import Policy
 from meltguard.admission.quota_memory import MemoryQuotaStore
@@ -218,9 +219,16 @@ async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
         )
         source = gpu
 
-    gate = make_gate(setup.strategy, policy, MemoryQuotaStore(), clock,
-                     on_event=lambda event: None, options=setup.options,
-                     rng=random.Random(setup.seed))
+    decisions = {"admitted": 0, "refused": 0}
+
+    def count(event: Event) -> None:
+        # What the daemon's admission_decisions_total counts, for the same timeline.
+        if isinstance(event, Decided):
+            refused = event.decision in ("reject", "would_reject")
+            decisions["refused" if refused else "admitted"] += 1
+
+    gate = make_gate(setup.strategy, policy, MemoryQuotaStore(), clock, on_event=count,
+                     options=setup.options, rng=random.Random(setup.seed))
     settings = Settings(model="sim", telemetry="sim", store="memory", strategy=setup.strategy,
                         max_batch=setup.max_batch)
     runtime = Runtime(settings, clock=clock, engine=engine, gate=gate, loaded=setup.loaded)
@@ -239,7 +247,7 @@ async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
             if first.temperature_c is not None:
                 telemetry.append(TelemetryPoint(
                     now - start, first.temperature_c, "hw_thermal" in first.throttle,
-                    int(runtime.level),
+                    int(runtime.level), decisions["admitted"], decisions["refused"],
                 ))
         runtime.observe(None, now)
 
