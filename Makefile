@@ -49,7 +49,10 @@ bench-stores: $(STAMP) apt
 	$(PY) -m meltguard.daemon.stores.bench
 
 bench: $(STAMP)
-	$(VENV)/bin/meltguard bench
+	$(VENV)/bin/meltguard bench --out bench-results
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/meltguard bench --quick --out bench-results/quick
 
 SOAK_SECONDS ?= 600
 soak: $(STAMP)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from meltguard.admission.policy import Level, Policy
-from meltguard.bench.outcome import PointResult
+from meltguard.bench.outcome import PointResult, TelemetryPoint
 from meltguard.bench.scenario import Capacity
 
 TARGET_LOADS = (5.0, 10.0)
@@ -146,6 +146,10 @@ def _order(strategy: str) -> int:
     return names.index(strategy) if strategy in names else len(names)
 
 
+def _g(value: object) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
 def _s(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -158,22 +162,35 @@ def write_reports(
     config: Mapping[str, Any],
     plots: bool = True,
 ) -> str:
-    """results.json, results.md and (unless told not to) the PNGs; returns the table."""
+    """results.json (the figures), series.json (temperature paths and admissions over time),
+    results.md and (unless told not to) the PNGs; returns the table."""
     out.mkdir(parents=True, exist_ok=True)
     document = {
         "config": dict(config),
-        "points": [r.to_json() for r in results],
+        "points": [r.to_json(series=False) for r in results],
         "verdicts": [v.to_json() for v in verdicts],
     }
     (out / "results.json").write_text(json.dumps(document, indent=1) + "\n")
+    series = {
+        "columns": {"telemetry": ["t_s", "temperature_c", "throttled", "level", "admitted",
+                                  "refused"],
+                    "answers": ["bin_start_s", "answered_with_images_per_s",
+                                "refused_per_s"]},
+        "points": [{key: value for key, value in r.to_json().items()
+                    if key in ("strategy", "load", "telemetry", "answers")} for r in results],
+    }
+    # One point per line: diffable, and a quarter of the size indented JSON would take.
+    lines_out = ",\n".join(json.dumps(p, separators=(",", ":")) for p in series["points"])
+    (out / "series.json").write_text(
+        '{"columns":' + json.dumps(series["columns"]) + ',"points":[\n' + lines_out + "\n]}\n")
     table = markdown_table(results)
     capacity = config.get("capacity")
     capacity_text = str(capacity.get("text", "")) if isinstance(capacity, Mapping) else ""
     lines = [
         "# meltguard bench results", "",
         capacity_text, "",
-        f"Time compression x{config.get('speed')}, {config.get('warmup_s')} s warm-up then "
-        f"{config.get('duration_s')} s measured per point (model seconds).", "",
+        f"Time compression x{_g(config.get('speed'))}, {_g(config.get('warmup_s'))} s warm-up "
+        f"then {_g(config.get('duration_s'))} s measured per point (model seconds).", "",
         table,
         "## Targets and baselines", "",
         *[f"- {v.line()}" for v in verdicts], "",
@@ -186,6 +203,23 @@ def write_reports(
 
 
 # ---- plots ----------------------------------------------------------------------------------
+
+
+def admission_rate(
+    points: Sequence[TelemetryPoint], window_s: float = 20.0
+) -> tuple[list[float], list[float]]:
+    """Admissions per second over a trailing window, from the cumulative decision counts."""
+    times: list[float] = []
+    rates: list[float] = []
+    start = 0
+    for point in points:
+        while points[start].t < point.t - window_s:
+            start += 1
+        span = point.t - points[start].t
+        if span > 0:
+            times.append(point.t)
+            rates.append((point.admitted - points[start].admitted) / span)
+    return times, rates
 
 
 def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
@@ -205,8 +239,8 @@ def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
         left.plot(loads, [p.goodput_ratio for p in points], "o-", color=color, label=strategy)
         left.plot(loads, [p.work_ratio for p in points], ":", color=color, alpha=0.7)
         right.plot(loads, [p.peak_c or 0.0 for p in points], "o-", color=color, label=strategy)
-    left.axhline(1.0, color="grey", lw=0.8)
-    left.axhline(GOODPUT_TARGET, color="grey", lw=0.8, ls="--")
+    left.axhline(1.0, color="grey", lw=0.8, label="sustainable capacity")
+    left.axhline(GOODPUT_TARGET, color="grey", lw=0.8, ls="--", label="target at 5x, 10x")
     left.set(xscale="log", xlabel="offered load (x sustainable capacity)",
              ylabel="goodput / sustainable capacity",
              title="Goodput (solid: images, dotted: full-quality work)")
@@ -214,7 +248,10 @@ def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
     right.axhline(slowdown, color="black", lw=0.8, ls="--", label="slowdown")
     right.set(xscale="log", xlabel="offered load (x sustainable capacity)",
               ylabel="peak GPU temperature (°C)", title="Peak temperature")
+    all_loads = sorted({r.load for r in results})
     for axis in (left, right):
+        axis.set_xticks(all_loads, [f"{load:g}x" for load in all_loads])
+        axis.minorticks_off()
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.tight_layout()
@@ -226,16 +263,19 @@ def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
     if loads:
         target = min(loads, key=lambda load: abs(load - 5.0))
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
-        for r in sorted((r for r in results if r.load == target), key=lambda r: _order(r.strategy)):
+        # meltguard last, so the baselines' overlapping saw-tooths do not hide it.
+        at_target = sorted((r for r in results if r.load == target),
+                           key=lambda r: -_order(r.strategy))
+        for r in at_target:
             color = STRATEGY_COLORS.get(r.strategy)
             top.plot([p.t for p in r.telemetry], [p.temperature_c for p in r.telemetry],
                      color=color, lw=1.0, label=r.strategy)
-            bottom.step([a[0] for a in r.admissions], [a[1] for a in r.admissions],
-                        where="post", color=color, lw=1.2, label=r.strategy)
+            times, rates = admission_rate(r.telemetry)
+            bottom.plot(times, rates, color=color, lw=1.0, label=r.strategy)
         top.axhline(slowdown, color="black", lw=0.8, ls="--", label="slowdown")
         top.set(ylabel="GPU temperature (°C)",
                 title=f"Temperature and admissions over time at {target:g}x offered load")
-        bottom.set(xlabel="model seconds", ylabel="answered with images / s (by arrival)")
+        bottom.set(xlabel="model seconds", ylabel="requests let through to the GPU / s")
         for axis in (top, bottom):
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8, loc="lower right")

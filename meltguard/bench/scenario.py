@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,18 +330,3 @@ def compress_policy(text: str, speed: float) -> str:
                 scale(action, key)
     header = f"# Generated: the benchmark policy with every duration divided by {speed:g}.\n"
     return header + yaml.safe_dump(data, sort_keys=False)
-
-
-def tier_max_queue_wait(policy_text: str) -> dict[str, float]:
-    """Each tier's max_queue_wait at normal pressure, in the policy's own seconds."""
-    data = yaml.safe_load(policy_text)
-    tiers = data.get("tiers", {}) if isinstance(data, dict) else {}
-    return {name: parse_duration((t or {}).get("max_queue_wait", 30.0))
-            for name, t in tiers.items()}
-
-
-def tiers_in(items: Sequence[Arrival]) -> tuple[str, ...]:
-    seen: dict[str, None] = {}
-    for a in items:
-        seen.setdefault(a.tier)
-    return tuple(seen)

@@ -21,10 +21,10 @@ import math
 import random
 import selectors
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from meltguard.admission.auth import Caller
 from meltguard.admission.cost import ImageAsk
@@ -65,6 +65,8 @@ from meltguard.inference.errors import EngineOutOfMemory
 from meltguard.inference.sim import SimEngine
 from meltguard.protocols import TelemetrySource
 from meltguard.values import GpuSample
+
+T = TypeVar("T")
 
 # Throttle reasons under which a replayed card is taken to run at thermal-slowdown clocks.
 _SLOW_REASONS = frozenset({"hw_thermal", "sw_thermal", "hw_slowdown"})
@@ -132,7 +134,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         return self._virtual_clock.monotonic()
 
 
-def run_virtual(main: Callable[[VirtualClock], Any], start: float = 1_000.0) -> Any:
+def run_virtual(
+    main: Callable[[VirtualClock], Coroutine[Any, Any, T]], start: float = 1_000.0
+) -> T:
     """Run `main(clock)` (a coroutine function) to completion in virtual time."""
     clock = VirtualClock(start=start)
     loop = VirtualTimeLoop(clock)
@@ -188,7 +192,7 @@ class _ReplayThrottle:
 
 
 def simulate(setup: SimSetup) -> SimRun:
-    return run_virtual(lambda clock: _simulate(setup, clock))  # type: ignore[no-any-return]
+    return run_virtual(lambda clock: _simulate(setup, clock))
 
 
 async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
