@@ -126,8 +126,11 @@ def assemble(
         return source.slowdown_factor() if isinstance(source, SimulatedGpu) else 1.0
 
     def inflight() -> int:
+        # Only granted permits hold GPU memory; queued requests do not.
         runtime = holder.get("runtime")
-        return runtime.active_requests if isinstance(runtime, Runtime) else 0
+        if not isinstance(runtime, Runtime):
+            return 0
+        return sum(runtime.gate.snapshot().inflight.values())
 
     note: str | None = None
     if source is None:
