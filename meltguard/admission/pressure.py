@@ -24,14 +24,16 @@ from meltguard.admission.policy import (
 )
 from meltguard.values import GpuSample
 
-# Thirty seconds spans a load step's first climb on a real card; more would let an old
-# plateau dilute a fresh rise, fewer points make the least-squares slope ride on noise.
-HISTORY_SECONDS = 30.0
+# Windows are counted in sample intervals so a time-compressed simulation (a shorter
+# sample_interval) sees the same trend a real card does. At the default 500 ms: thirty
+# seconds of history spans a load step's first climb (more would let an old plateau dilute
+# a fresh rise; fewer points make the least-squares slope ride on noise).
+HISTORY_SAMPLES = 60
 HISTORY_POINTS = 64
 # NVML reports whole degrees: one 1 °C step over a second or two reads as a steep trend.
-# Asking for a few points over some seconds keeps that quantisation from entering a level.
+# Asking for a few points over ten intervals keeps that quantisation from entering a level.
 MIN_TREND_POINTS = 3
-MIN_TREND_SPAN_S = 5.0
+MIN_TREND_SAMPLES = 10
 # What cooling_eta says when nothing predicts the way down (not cooling, memory, throttle,
 # stale telemetry): long enough that retries do not hammer a hot card, well inside the
 # 60 s the OpenAI SDK still honours.
@@ -247,11 +249,11 @@ def _read(
     history = prior.history
     temperature = sample.temperature_c
     if temperature is not None and (not history or sample.taken_at > history[-1][0]):
-        horizon = sample.taken_at - HISTORY_SECONDS
+        horizon = sample.taken_at - HISTORY_SAMPLES * pressure.sample_interval
         kept = [point for point in history if point[0] >= horizon]
         kept.append((sample.taken_at, temperature))
         history = tuple(kept[-HISTORY_POINTS:])
-    trend = _slope(history)
+    trend = _slope(history, MIN_TREND_SAMPLES * pressure.sample_interval)
 
     predicted = None
     if (
@@ -274,9 +276,9 @@ def _read(
     return reading, history, trend
 
 
-def _slope(history: tuple[tuple[float, float], ...]) -> float | None:
+def _slope(history: tuple[tuple[float, float], ...], min_span: float) -> float | None:
     """Least-squares °C per second, or None while the history is too short to trust."""
-    if len(history) < MIN_TREND_POINTS or history[-1][0] - history[0][0] < MIN_TREND_SPAN_S:
+    if len(history) < MIN_TREND_POINTS or history[-1][0] - history[0][0] < min_span:
         return None
     n = len(history)
     mean_t = sum(t for t, _ in history) / n

@@ -339,6 +339,15 @@ def test_lookahead_enters_early_on_a_rising_trend() -> None:
     assert states[8].gpus[0].trend_c_per_s == pytest.approx(0.2)
 
 
+def test_lookahead_follows_a_time_compressed_sample_interval() -> None:
+    # The same ramp 40x faster, sampled 40x more often (a --sim-speed 40 daemon): the trend
+    # window shrinks with the interval, so lookahead enters at the same sample.
+    compressed = policy_with(lookahead="750ms", sample_interval="12.5ms")
+    states = run(ramp(70.5, 8.0, [i / 40 for i in range(11)]), compressed)
+    assert levels(states) == [Level.NORMAL] * 8 + [Level.ELEVATED] * 3
+    assert states[8].gpus[0].trend_c_per_s == pytest.approx(8.0)
+
+
 def test_lookahead_reaches_below_slowdown_lines() -> None:
     # Slowdown 90, so high enters at 85; from 77.5 at 0.2 °C/s, t=8 reads 79.1 -> 85.1.
     states = run(ramp(77.5, 0.2, range(11), slowdown=90), LOOKAHEAD)
