@@ -157,13 +157,22 @@ class FakeNvml:
         os.replace(tmp, self.state_path)
 
 
+_BUILT: list[Path] = []
+
+
 @pytest.fixture(scope="session")
 def fake_nvml_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The fake libnvidia-ml.so.1, built once per test session."""
-    try:
-        return build_library(tmp_path_factory.mktemp("fakenvml"))
-    except FakeNvmlUnavailable as exc:
-        pytest.skip(str(exc))
+    """The fake libnvidia-ml.so.1, built once per test process.
+
+    Several conftests import this fixture, and pytest gives each import its own session
+    instance; they must still share one library, because pynvml binds the first one a
+    process loads and a second copy at another path would be a different library."""
+    if not _BUILT:
+        try:
+            _BUILT.append(build_library(tmp_path_factory.mktemp("fakenvml")))
+        except FakeNvmlUnavailable as exc:
+            pytest.skip(str(exc))
+    return _BUILT[0]
 
 
 @pytest.fixture
