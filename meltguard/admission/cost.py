@@ -18,7 +18,8 @@ from meltguard.errors import invalid
 from meltguard.values import GenerationJob, Size
 
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; signed keeps every client happy
-DEFAULT_SEED_MAX = 2**32 - 1  # drawn seeds stay short enough to read back and retype
+DEFAULT_SEED_BITS = 32  # drawn seeds stay short enough to read back and retype
+DEFAULT_SEED_MAX = 2**DEFAULT_SEED_BITS - 1
 
 
 @dataclass(frozen=True, slots=True)

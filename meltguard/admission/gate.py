@@ -42,6 +42,7 @@ cancellation: the slot is released at once and the refund runs as a task the gat
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -52,7 +53,7 @@ from types import MappingProxyType, TracebackType
 from typing import NoReturn
 
 from meltguard.admission.auth import INCORRECT_KEY_MESSAGE, Caller, KeyRing
-from meltguard.admission.cost import DEFAULT_SEED_MAX, ImageAsk, cost_of, degrade, validate
+from meltguard.admission.cost import DEFAULT_SEED_BITS, ImageAsk, cost_of, degrade, validate
 from meltguard.admission.events import (
     OUTCOMES,
     REASON_FAIL_OPEN,
@@ -70,13 +71,15 @@ from meltguard.admission.policy import EffectiveTier, Level, Policy
 from meltguard.admission.scheduler import CallLater, QueueTimeout, Scheduler, Slot
 from meltguard.errors import ErrorCode, ServiceError
 from meltguard.protocols import Clock, QuotaStore
-from meltguard.values import GenerationJob, QuotaOutcome, QuotaWindow
+from meltguard.values import GenerationJob, QuotaOutcome, QuotaWindow, WindowState
 
 _log = logging.getLogger(__name__)
 
 RETRY_AFTER_MIN = 1.0
 RETRY_AFTER_MAX = 60.0  # the openai SDK ignores a longer Retry-After and retries at once
 DAY = 86_400.0
+_WINDOWS_CACHED = 4096
+_NO_QUOTA = QuotaOutcome(True, ())
 
 
 def clamp_retry(seconds: float) -> float:
@@ -222,6 +225,12 @@ class Gate:
         self._cooling_eta = 0.0
         self._scheduler = Scheduler(policy, clock, call_later=call_later)
         self._tasks: set[asyncio.Task[None]] = set()
+        # What a decision reads that depends only on (policy, tier, level[, tenant]): built
+        # once, dropped with the policy.
+        self._effective_cache: dict[tuple[str, Level], EffectiveTier] = {}
+        self._windows_cache: dict[tuple[str, str, Level], tuple[QuotaWindow, ...]] = {}
+        self._quota_heads: dict[tuple[str, float, Level, float, float], str] = {}
+        self._reference_note = _reference_note(policy)
 
     # -- configuration and readings ------------------------------------------------------------
 
@@ -242,6 +251,10 @@ class Gate:
         permits stay where they are; new limits apply to decisions made from now on."""
         self._policy = policy
         self._keyring = KeyRing(policy)
+        self._effective_cache = {}
+        self._windows_cache = {}
+        self._quota_heads = {}
+        self._reference_note = _reference_note(policy)
         self._scheduler.set_policy(policy)
 
     def set_pressure(self, level: Level, cooling_eta: float) -> None:
@@ -306,21 +319,28 @@ class Gate:
     # -- the decision ----------------------------------------------------------------------------
 
     async def admit(self, caller: Caller, ask: ImageAsk) -> Permit:
+        try:
+            return await self._decide(caller, ask)
+        except ServiceError as refusal:
+            # A refusal is an answer, not a fault. Its traceback would keep the decision's
+            # frames alive, and their locals the refusal itself: a reference cycle per refused
+            # request, left to the garbage collector, which then runs several times as often
+            # and costs more than the decision under a flood of refusals.
+            raise refusal.with_traceback(None)  # noqa: B904  the same one, its context kept
+
+    async def _decide(self, caller: Caller, ask: ImageAsk) -> Permit:
         policy, level = self._policy, self._level
         shadow = policy.mode == "shadow"
-        eff = self._effective(caller)
         tier, tenant = caller.tier, caller.tenant
-
-        def refuse(
-            err: ServiceError, cost: float = 0.0, degraded: tuple[str, ...] = ()
-        ) -> NoReturn:
-            self._emit(Decided(tier, tenant, "reject", str(err.code), level, cost, 0.0, degraded))
-            raise err
+        eff = self._effective_cache.get((tier, level)) or self._effective(caller)
 
         try:
-            asked = validate(ask, policy, default_seed=self._rng.randint(0, DEFAULT_SEED_MAX))
+            asked = validate(
+                ask, policy,
+                default_seed=self._rng.getrandbits(DEFAULT_SEED_BITS) if ask.seed is None else None,
+            )
         except ServiceError as bad:
-            refuse(bad)
+            self._refuse(caller, level, bad)
         degraded_job, changes = degrade(asked, eff)
         job = asked if shadow else degraded_job
         # Shadow mode: the first refusal enforcement would have answered.
@@ -335,12 +355,12 @@ class Gate:
                 status=policy.overload_status,
             )
             if not shadow:
-                refuse(err, degraded=changes)
+                self._refuse(caller, level, err, degraded=changes)
             would = would or err
 
         cost = cost_of(job, policy)
-        windows = quota_windows(tenant, eff)
-        quota: QuotaOutcome | None = QuotaOutcome(True, ())
+        windows = self._windows(tenant, eff, level)
+        quota: QuotaOutcome | None = _NO_QUOTA
         charged, charged_at, fail_open = 0.0, 0.0, False
         if windows:
             now = self._clock.wall()
@@ -352,7 +372,7 @@ class Gate:
                 if policy.on_store_error == "closed":
                     err = self._store_unavailable()
                     if not shadow:
-                        refuse(err, cost, changes)
+                        self._refuse(caller, level, err, cost, changes)
                     would = would or err
                 else:
                     fail_open = True
@@ -362,10 +382,11 @@ class Gate:
                 else:
                     err = self._quota_error(quota, now, eff, cost)
                     if not shadow:
-                        refuse(err, cost, changes)
+                        self._refuse(caller, level, err, cost, changes)
                     would = would or err
 
-        estimate = self._scheduler.estimate_wait(tier, cost)
+        scheduler = self._scheduler
+        estimate = scheduler.estimate_wait(tier, cost)
         if estimate is not None and estimate > eff.max_queue_wait:
             err = ServiceError(
                 ErrorCode.SERVER_OVERLOADED,
@@ -376,19 +397,61 @@ class Gate:
             )
             if not shadow:
                 await self._refund_now(windows, charged, charged_at)
-                refuse(err, cost, changes)
+                self._refuse(caller, level, err, cost, changes)
             would = would or err
 
+        # Nobody queued and a slot free: granted on the spot, without a waiter or a timer.
+        slot = scheduler.try_acquire(tier, tenant, cost)
+        if slot is None:
+            slot = await self._wait_for_slot(
+                caller, level, eff, cost, changes, shadow, windows, charged, charged_at
+            )
+        waited = slot.waited
+        self._emit(Waited(tier, waited))
+        if shadow and would is None and waited > eff.max_queue_wait:
+            would = ServiceError(ErrorCode.QUEUE_TIMEOUT, "would have timed out in the queue")
+
+        reason = REASON_FAIL_OPEN if fail_open else REASON_OK
+        decision: Decision
+        if would is not None:
+            decision, reason = "would_reject", str(would.code)
+        elif shadow and changes:
+            decision = "would_degrade"
+        elif changes:
+            decision = "degrade"
+        elif waited > 0:
+            decision = "queue"
+        else:
+            decision = "admit"
+        self._emit(Decided(tier, tenant, decision, reason, level, cost, waited, changes))
+        return Permit(
+            self, caller, job, () if shadow else changes, cost, waited, quota, slot,
+            windows, charged, charged_at,
+        )
+
+    async def _wait_for_slot(
+        self,
+        caller: Caller,
+        level: Level,
+        eff: EffectiveTier,
+        cost: float,
+        changes: tuple[str, ...],
+        shadow: bool,
+        windows: tuple[QuotaWindow, ...],
+        charged: float,
+        charged_at: float,
+    ) -> Slot:
+        tier = caller.tier
         entered = self._clock.monotonic()
         try:
-            slot = await self._scheduler.acquire(
-                tier, tenant, cost, None if shadow else eff.max_queue_wait
+            return await self._scheduler.acquire(
+                tier, caller.tenant, cost, None if shadow else eff.max_queue_wait
             )
         except QueueTimeout as exc:
             self._emit(Waited(tier, exc.waited))
             await self._refund_now(windows, charged, charged_at)
             later = self._scheduler.estimate_wait(tier, cost)
-            refuse(ServiceError(
+            self._refuse(caller, level, ServiceError(
                 ErrorCode.QUEUE_TIMEOUT,
                 f"No GPU slot came free within the {eff.max_queue_wait:g} s a {tier}-tier "
                 "request may wait in the queue.",
@@ -401,27 +464,17 @@ class Gate:
             self._emit(Settled(tier, "ignored", charged))
             raise
 
-        self._emit(Waited(tier, slot.waited))
-        if shadow and would is None and slot.waited > eff.max_queue_wait:
-            would = ServiceError(ErrorCode.QUEUE_TIMEOUT, "would have timed out in the queue")
-
-        reason = REASON_FAIL_OPEN if fail_open else REASON_OK
-        decision: Decision
-        if would is not None:
-            decision, reason = "would_reject", str(would.code)
-        elif shadow and changes:
-            decision = "would_degrade"
-        elif changes:
-            decision = "degrade"
-        elif slot.waited > 0:
-            decision = "queue"
-        else:
-            decision = "admit"
-        self._emit(Decided(tier, tenant, decision, reason, level, cost, slot.waited, changes))
-        return Permit(
-            self, caller, job, () if shadow else changes, cost, slot.waited, quota, slot,
-            windows, charged, charged_at,
-        )
+    def _refuse(
+        self,
+        caller: Caller,
+        level: Level,
+        err: ServiceError,
+        cost: float = 0.0,
+        degraded: tuple[str, ...] = (),
+    ) -> NoReturn:
+        self._emit(Decided(caller.tier, caller.tenant, "reject", err.code.value, level, cost, 0.0,
+                           degraded))
+        raise err
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -429,31 +482,43 @@ class Gate:
         if caller.tier not in self._policy.tiers:
             # The key's tier vanished in a reload between authentication and admission.
             raise ServiceError(ErrorCode.INVALID_API_KEY, INCORRECT_KEY_MESSAGE)
-        return self._policy.effective(caller.tier, self._level)
+        key = (caller.tier, self._level)
+        eff = self._effective_cache.get(key)
+        if eff is None:
+            eff = self._effective_cache[key] = self._policy.effective(caller.tier, self._level)
+        return eff
+
+    def _windows(self, tenant: str, eff: EffectiveTier, level: Level) -> tuple[QuotaWindow, ...]:
+        key = (tenant, eff.name, level)
+        windows = self._windows_cache.get(key)
+        if windows is None:
+            if len(self._windows_cache) >= _WINDOWS_CACHED:
+                # Anonymous tenants are one per client address: keep the cache bounded.
+                self._windows_cache.clear()
+            windows = self._windows_cache[key] = quota_windows(tenant, eff)
+        return windows
 
     def _quota_error(
         self, quota: QuotaOutcome, now: float, eff: EffectiveTier, cost: float
     ) -> ServiceError:
         # Of the windows this cost does not fit, the one that resets last binds: answering
         # with an earlier one would only send the client back to be refused again.
-        blocking = [s for s in quota.windows if s.used + cost > s.window.limit + 1e-9]
-        if blocking:
-            state = max(blocking, key=lambda s: s.reset_at)
-        elif quota.exhausted is not None:
-            state = quota.exhausted
-        else:
-            state = min(quota.windows, key=lambda s: s.remaining)
+        state: WindowState | None = None
+        for candidate in quota.windows:
+            if candidate.used + cost > candidate.window.limit + 1e-9 and (
+                state is None or candidate.reset_at > state.reset_at
+            ):
+                state = candidate
+        if state is None:
+            if quota.exhausted is not None:
+                state = quota.exhausted
+            else:
+                state = min(quota.windows, key=lambda s: s.remaining)
         window = state.window
         wait = state.reset_at - now
-        scaled = "" if eff.quota_factor == 1.0 else (
-            f" (reduced to {eff.quota_factor:g}x while the GPU is under "
-            f"{self._level.label} pressure)"
-        )
         what = (
-            f"{_amount(window.limit)} reference images per {_period(window.period)} for tier "
-            f"{eff.name}{scaled}; {_amount(state.used)} used, this request costs {_amount(cost)} "
-            f"(a {self._policy.cost.reference.size} image at "
-            f"{self._policy.cost.reference.steps} steps counts as 1)"
+            f"{self._quota_head(eff, window)}{_amount(state.used)} used, this request costs "
+            f"{_amount(cost)}{self._reference_note}"
         )
         if cost > window.limit:
             what += (
@@ -461,10 +526,9 @@ class Gate:
                 "smaller images or fewer steps"
             )
         if window.period >= DAY:
-            resets = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(state.reset_at))
             return ServiceError(
                 ErrorCode.DAILY_QUOTA_EXCEEDED,
-                f"Quota exceeded: {what}. It resets at {resets}.",
+                f"Quota exceeded: {what}. It resets at {_utc_minute(state.reset_at)}.",
                 retry_after=clamp_retry(wait),
                 should_retry=False,
                 quota=quota,
@@ -475,6 +539,22 @@ class Gate:
             retry_after=clamp_retry(wait),
             quota=quota,
         )
+
+    def _quota_head(self, eff: EffectiveTier, window: QuotaWindow) -> str:
+        """The fixed part of a quota refusal's message for one window of a tier at the
+        current level; a flood of refusals formats it once."""
+        key = (eff.name, eff.quota_factor, self._level, window.limit, window.period)
+        head = self._quota_heads.get(key)
+        if head is None:
+            scaled = "" if eff.quota_factor == 1.0 else (
+                f" (reduced to {eff.quota_factor:g}x while the GPU is under "
+                f"{self._level.label} pressure)"
+            )
+            head = self._quota_heads[key] = (
+                f"{_amount(window.limit)} reference images per {_period(window.period)} for "
+                f"tier {eff.name}{scaled}; "
+            )
+        return head
 
     def _store_unavailable(self) -> ServiceError:
         # Jittered so that clients refused together do not come back together.
@@ -534,8 +614,20 @@ class Gate:
             _log.exception("admission event hook failed for %r", event)
 
 
+@functools.lru_cache(maxsize=1024)
 def _amount(value: float) -> str:
     return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+@functools.lru_cache(maxsize=64)
+def _utc_minute(unix: float) -> str:
+    # Windows reset on fixed boundaries, so a day's refusals all name the same few instants.
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(unix))
+
+
+def _reference_note(policy: Policy) -> str:
+    reference = policy.cost.reference
+    return f" (a {reference.size} image at {reference.steps} steps counts as 1)"
 
 
 def _period(seconds: float) -> str:

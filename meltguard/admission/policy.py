@@ -26,13 +26,15 @@ class Level(IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        # Read on every decision; Enum.name goes through a descriptor each time.
+        return _LEVEL_LABELS[self]
 
     @classmethod
     def named(cls, name: str) -> Level:
         return cls[name.upper()]
 
 
+_LEVEL_LABELS = tuple(level.name.lower() for level in Level)
 LEVEL_NAMES = ("elevated", "high", "critical")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)$")
@@ -174,6 +176,9 @@ class TierAction(_Strict):
     max_n: Annotated[int, Field(ge=1)] | None = None
 
 
+_NO_ACTION = TierAction()
+
+
 class Concurrency(_Strict):
     limit: Annotated[int, Field(ge=1)] = 2
     min_limit: Annotated[int, Field(ge=1)] = 1
@@ -204,7 +209,7 @@ class Policy(_Strict):
     def effective(self, tier: str, level: Level) -> EffectiveTier:
         """What a tier may do at a level: its action there, falling back to normal per field."""
         base = self.tiers[tier]
-        action = self.actions.get(level.label, {}).get(tier, TierAction())
+        action = self.actions.get(level.label, {}).get(tier, _NO_ACTION)
         return EffectiveTier(
             name=tier,
             priority=base.priority,

@@ -131,6 +131,7 @@ class Scheduler:
         # tier -> tenant -> waiters; dict order is the round-robin turn order of tenants.
         self._queues: dict[str, dict[str, deque[_Waiter]]] = {}
         self._depth: dict[str, int] = {}
+        self._queued = 0  # waiters in every queue together
         self._queued_cost = 0.0
         self._tier_inflight: dict[str, int] = {}
         self._tenant_inflight: dict[str, int] = {}
@@ -139,6 +140,10 @@ class Scheduler:
         self._seq = itertools.count()
         self._rules: dict[str, TierRule] = {}
         self._order: tuple[str, ...] = ()
+        # The limit and tier caps as integers, recomputed when the limit or the rules change:
+        # every admission reads them.
+        self._slots = 1
+        self._tier_caps: dict[str, int] = {}
         self._recompute_rules()
 
     # -- configuration ---------------------------------------------------------------------
@@ -173,14 +178,22 @@ class Scheduler:
                 rules[name] = rule
         self._rules = rules
         self._order = tuple(sorted(rules, key=lambda name: -rules[name].priority))
+        self._recompute_caps()
+
+    def _recompute_caps(self) -> None:
+        floor = self._policy.concurrency.min_limit
+        self._slots = slots = max(floor, math.floor(self._limit + 1e-9))
+        self._tier_caps = {
+            name: max(1, math.floor(slots * rule.concurrency_factor + 1e-9))
+            for name, rule in self._rules.items()
+        }
 
     # -- readings ----------------------------------------------------------------------------
 
     @property
     def limit(self) -> int:
         """Slots that may be in flight now (the AIMD value, floored)."""
-        floor = self._policy.concurrency.min_limit
-        return max(floor, math.floor(self._limit + 1e-9))
+        return self._slots
 
     @property
     def limit_value(self) -> float:
@@ -196,8 +209,7 @@ class Scheduler:
         return self._inflight
 
     def tier_cap(self, tier: str) -> int:
-        rule = self._rules[tier]
-        return max(1, math.floor(self.limit * rule.concurrency_factor + 1e-9))
+        return self._tier_caps[tier]
 
     def _reported_tiers(self) -> tuple[str, ...]:
         # A tier dropped by a reload is reported only while it still has work here.
@@ -228,8 +240,8 @@ class Scheduler:
         rule = self._rules.get(tier)
         return (
             rule is not None
-            and self._inflight < self.limit
-            and self._tier_inflight.get(tier, 0) < self.tier_cap(tier)
+            and self._inflight < self._slots
+            and self._tier_inflight.get(tier, 0) < self._tier_caps[tier]
             and self._tenant_inflight.get(tenant, 0) < rule.tenant_cap
         )
 
@@ -243,14 +255,16 @@ class Scheduler:
         GPU with an empty queue still means waiting for one job to finish."""
         if self._ewma is None:
             return None
-        rule = self._rules.get(tier)
-        priority = rule.priority if rule is not None else -math.inf
-        ahead = sum(
-            self._depth.get(name, 0)
-            for name, other in self._rules.items()
-            if other.priority >= priority
-        )
-        limit = self.limit
+        ahead = 0
+        if self._queued:
+            rule = self._rules.get(tier)
+            priority = rule.priority if rule is not None else -math.inf
+            ahead = sum(
+                self._depth.get(name, 0)
+                for name, other in self._rules.items()
+                if other.priority >= priority
+            )
+        limit = self._slots
         overflow = max(0, self._inflight - limit + 1)
         return (ahead + overflow) * self._ewma * cost / limit
 
@@ -269,13 +283,34 @@ class Scheduler:
                 self._ewma + EWMA_ALPHA * (sample - self._ewma)
             )
         ceiling = float(self._policy.concurrency.limit)
-        self._limit = min(ceiling, self._limit + 1.0 / max(self._limit, 1.0))
+        if self._limit < ceiling:
+            self._limit = min(ceiling, self._limit + 1.0 / max(self._limit, 1.0))
+            self._recompute_caps()
         self._dispatch()
 
     def record_drop(self) -> None:
         self._limit = max(float(self._policy.concurrency.min_limit), self._limit / 2.0)
+        self._recompute_caps()
 
     # -- waiting -----------------------------------------------------------------------------
+
+    def try_acquire(self, tier: str, tenant: str, cost: float) -> Slot | None:
+        """A slot at once when nobody is queued and every cap has room, else None (then
+        `acquire` queues). With an empty queue this is exactly the grant `acquire` would make
+        without suspending, minus the waiter, the future and the deadline timer."""
+        if self._queued:
+            return None
+        rule = self._rules.get(tier)
+        if rule is None or self._inflight >= self._slots:
+            return None
+        in_tier = self._tier_inflight.get(tier, 0)
+        in_tenant = self._tenant_inflight.get(tenant, 0)
+        if in_tier >= self._tier_caps[tier] or in_tenant >= rule.tenant_cap:
+            return None
+        self._inflight += 1
+        self._tier_inflight[tier] = in_tier + 1
+        self._tenant_inflight[tenant] = in_tenant + 1
+        return Slot(self, tier, tenant, cost, 0.0)
 
     async def acquire(
         self, tier: str, tenant: str, cost: float, max_wait: float | None
@@ -289,6 +324,7 @@ class Scheduler:
         waiter = _Waiter(tier, tenant, cost, now, asyncio.get_running_loop().create_future())
         self._queues.setdefault(tier, {}).setdefault(tenant, deque()).append(waiter)
         self._depth[tier] = self._depth.get(tier, 0) + 1
+        self._queued += 1
         self._queued_cost += cost
         if max_wait is not None:
             waiter.deadline = now + max(max_wait, 0.0)
@@ -362,6 +398,7 @@ class Scheduler:
                 pass
             else:
                 self._depth[waiter.tier] -= 1
+                self._queued -= 1
                 self._queued_cost -= waiter.cost
             if not waiters:
                 del tenants[waiter.tenant]
@@ -372,7 +409,7 @@ class Scheduler:
     # -- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        while self._inflight < self.limit:
+        while self._queued and self._inflight < self._slots:
             waiter = self._next_eligible()
             if waiter is None:
                 return
@@ -381,7 +418,7 @@ class Scheduler:
     def _next_eligible(self) -> _Waiter | None:
         for tier in self._order:
             tenants = self._queues.get(tier)
-            if not tenants or self._tier_inflight.get(tier, 0) >= self.tier_cap(tier):
+            if not tenants or self._tier_inflight.get(tier, 0) >= self._tier_caps[tier]:
                 continue
             cap = self._rules[tier].tenant_cap
             for tenant in list(tenants):
@@ -419,5 +456,9 @@ class Scheduler:
             del self._tenant_inflight[slot.tenant]
         if slot.tier not in self._policy.tiers and not self._tier_inflight[slot.tier]:
             self._recompute_rules()
-        self.expire_due()
-        self._dispatch()
+        if self._queued:
+            self.expire_due()
+            self._dispatch()
+        elif self._deadlines:
+            # Nobody is queued, so every deadline left belongs to a waiter already served.
+            self._deadlines.clear()

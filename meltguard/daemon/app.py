@@ -193,26 +193,27 @@ def _account(request: web.Request, runtime: Runtime, status: int, started: float
     caller = request.get(CALLER)
     tier = caller.tier if caller else "none"
     if runtime.metrics is not None and request.path.startswith("/v1/"):
-        runtime.metrics.requests.labels(tier, str(status)).inc()
-    log.info("http.request", method=request.method, path=request.path, status=status,
-             tier=tier, ms=round((time.perf_counter() - started) * 1000, 2))
+        runtime.metrics.request_done(tier, status)
+    # bind() hands back the cached logger once logging is configured: one line per request.
+    log.bind().info("http.request", method=request.method, path=request.path, status=status,
+                    tier=tier, ms=round((time.perf_counter() - started) * 1000, 2))
 
 
 async def _error_with_quota(request: web.Request, exc: ServiceError) -> web.Response:
-    response = error_response(exc)
     caller = request.get(CALLER)
-    if caller is not None:
-        runtime = request.app[RUNTIME]
-        outcome = exc.quota if isinstance(exc.quota, QuotaOutcome) else None
-        # The store just failed; asking it again for headers would double the outage's cost.
-        if outcome is None and exc.code is not ErrorCode.QUOTA_STORE_UNAVAILABLE:
-            try:
-                outcome = await runtime.gate.quota_status(caller)
-            except Exception:  # the store being down must not turn a 4xx into a 500
-                outcome = None
-        if outcome is not None:
-            response.headers.update(ratelimit_headers(outcome, runtime.clock.wall()))
-    return response
+    if caller is None:
+        return error_response(exc)
+    runtime = request.app[RUNTIME]
+    outcome = exc.quota if isinstance(exc.quota, QuotaOutcome) else None
+    # The store just failed; asking it again for headers would double the outage's cost.
+    if outcome is None and exc.code is not ErrorCode.QUOTA_STORE_UNAVAILABLE:
+        try:
+            outcome = await runtime.gate.quota_status(caller)
+        except Exception:  # the store being down must not turn a 4xx into a 500
+            outcome = None
+    if outcome is None:
+        return error_response(exc)
+    return error_response(exc, ratelimit_headers(outcome, runtime.clock.wall()))
 
 
 # -- images -----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -44,24 +45,41 @@ def retry_after_headers(seconds: float) -> dict[str, str]:
     }
 
 
-def error_response(error: ServiceError) -> web.Response:
-    status = status_of(error)
-    body = {
-        "error": {
-            "message": error.message,
-            "type": _STATUS[error.code][1],
-            "param": error.param,
-            "code": error.code.value,
-        }
-    }
+# A flood of refusals repeats a handful of messages (one tenant over its quota gets the same
+# words until its window resets): each body is encoded once.
+_BODIES: dict[tuple[str, str | None, ErrorCode], bytes] = {}
+_BODIES_MAX = 256
+
+
+def _body(message: str, param: str | None, code: ErrorCode) -> bytes:
+    key = (message, param, code)
+    body = _BODIES.get(key)
+    if body is None:
+        if len(_BODIES) >= _BODIES_MAX:
+            _BODIES.clear()
+        body = _BODIES[key] = json.dumps({
+            "error": {"message": message, "type": _STATUS[code][1], "param": param,
+                      "code": code.value},
+        }).encode()
+    return body
+
+
+def error_response(
+    error: ServiceError, extra_headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The error in OpenAI's shape; `extra_headers` (rate-limit fields) are added in the same
+    step, since a refusal under a flood is answered as often as anything the daemon does."""
+    status = error.status or _STATUS[error.code][0]
+    body = _body(error.message, error.param, error.code)
     headers: dict[str, str] = {}
     if error.retry_after is not None or status in (429, 503):
         headers.update(retry_after_headers(error.retry_after if error.retry_after else 1.0))
     if error.should_retry is not None:
         headers["x-should-retry"] = "true" if error.should_retry else "false"
-    return web.Response(
-        status=status, text=json.dumps(body), content_type="application/json", headers=headers
-    )
+    if extra_headers:
+        headers.update(extra_headers)
+    return web.Response(status=status, body=body, content_type="application/json",
+                        charset="utf-8", headers=headers)
 
 
 def from_http_exception(exc: web.HTTPException) -> ServiceError:

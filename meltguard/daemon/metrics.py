@@ -86,6 +86,32 @@ class Metrics:
         self.policy_reloads = _counter("policy_reloads", registry)
         self.store_errors = _counter("quota_store_errors", registry)
         registry.register(_LiveCollector(view))
+        # `labels(...)` takes the metric's lock and validates the values on every call; the
+        # hot path keeps the children it has seen. Label values come from the policy (tiers)
+        # and fixed vocabularies (decisions, reasons, status codes), so these stay small.
+        self._decided: dict[tuple[str, str, str], Counter] = {}
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._waits: dict[str, Histogram] = {}
+
+    def decided(self, tier: str, decision: str, reason: str) -> None:
+        key = (tier, decision, reason)
+        child = self._decided.get(key)
+        if child is None:
+            child = self._decided[key] = self.decisions.labels(tier, decision, reason)
+        child.inc()
+
+    def request_done(self, tier: str, status: int) -> None:
+        key = (tier, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(tier, str(status))
+        child.inc()
+
+    def waited(self, tier: str, seconds: float) -> None:
+        child = self._waits.get(tier)
+        if child is None:
+            child = self._waits[tier] = self.queue_wait.labels(tier)
+        child.observe(seconds)
 
     def prime(self, tiers: Iterable[str], model: str, store: str) -> None:
         """Create zero-valued series up front so dashboards and rate() see them from the start."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from meltguard.values import QuotaOutcome, WindowState
+from meltguard.values import QuotaOutcome, QuotaWindow, WindowState
 
 _NAMES = {86400.0: "day", 3600.0: "hour", 60.0: "minute", 1.0: "second"}
 
@@ -33,23 +33,37 @@ def _tightest(windows: tuple[WindowState, ...]) -> WindowState:
     return min(windows, key=lambda w: (w.remaining, w.reset_at))
 
 
+# RateLimit-Policy depends only on the windows' limits and periods, which stay the same for a
+# tenant until the policy or the pressure level changes: format it once per set of windows.
+_POLICY_FIELDS: dict[tuple[QuotaWindow, ...], str] = {}
+_POLICY_FIELDS_MAX = 1024
+
+
+def _policy_field(windows: tuple[WindowState, ...]) -> str:
+    key = tuple(state.window for state in windows)
+    text = _POLICY_FIELDS.get(key)
+    if text is None:
+        if len(_POLICY_FIELDS) >= _POLICY_FIELDS_MAX:
+            _POLICY_FIELDS.clear()
+        text = _POLICY_FIELDS[key] = ", ".join(
+            f'"{window_name(w.period)}";q={math.floor(w.limit)};w={int(w.period)}' for w in key
+        )
+    return text
+
+
 def ratelimit_headers(outcome: QuotaOutcome, now: float) -> dict[str, str]:
     """Headers for every authenticated response; nothing when the tier has no quota."""
-    if not outcome.windows:
+    windows = outcome.windows
+    if not windows:
         return {}
-    tight = outcome.exhausted or _tightest(outcome.windows)
+    tight = outcome.exhausted or (windows[0] if len(windows) == 1 else _tightest(windows))
+    window = tight.window
     reset = max(tight.reset_at - now, 0.0)
-    headers = {
-        "x-ratelimit-limit-requests": str(math.floor(tight.window.limit)),
-        "x-ratelimit-remaining-requests": str(math.floor(tight.remaining + 1e-9)),
+    remaining = str(math.floor(tight.remaining + 1e-9))
+    return {
+        "x-ratelimit-limit-requests": str(math.floor(window.limit)),
+        "x-ratelimit-remaining-requests": remaining,
         "x-ratelimit-reset-requests": openai_duration(reset),
+        "RateLimit-Policy": _policy_field(windows),
+        "RateLimit": f'"{window_name(window.period)}";r={remaining};t={math.ceil(reset)}',
     }
-    headers["RateLimit-Policy"] = ", ".join(
-        f'"{window_name(w.window.period)}";q={math.floor(w.window.limit)};w={int(w.window.period)}'
-        for w in outcome.windows
-    )
-    headers["RateLimit"] = (
-        f'"{window_name(tight.window.period)}";'
-        f"r={math.floor(tight.remaining + 1e-9)};t={math.ceil(reset)}"
-    )
-    return headers

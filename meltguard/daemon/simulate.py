@@ -347,7 +347,7 @@ def simulate_point(setup: SimSetup, cap: Capacity) -> PointResult:
 def run_simulate(args: argparse.Namespace) -> int:
     from meltguard.daemon.logs import configure_logging
 
-    configure_logging("console", level=logging.ERROR)
+    configure_logging("console", level=logging.ERROR, cache=False)
     try:
         loaded = load_policy_file(args.policy)
     except PolicyFileError as exc:

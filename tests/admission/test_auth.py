@@ -97,6 +97,47 @@ def test_every_key_hash_is_compared(monkeypatch: pytest.MonkeyPatch, header: str
     assert {b for _, b in calls} == {bytes.fromhex(sha(k)) for k in KEYS}
 
 
+MANY_KEYS = {f"sk-user{i}": (f"user{i}", ("free", "plus", "pro")[i % 3])
+             for i in range(auth.SCAN_MAX * 3)}
+
+
+@pytest.mark.parametrize("header", ["Bearer sk-user0", "Bearer sk-user23", "Bearer nope",
+                                    "Basic x", "garbage"])
+def test_many_keys_cost_one_constant_time_compare(monkeypatch: pytest.MonkeyPatch,
+                                                  header: str) -> None:
+    ring = KeyRing(make_policy(keys=MANY_KEYS))
+    calls: list[tuple[bytes, bytes]] = []
+    real = auth.hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    key = header.removeprefix("Bearer ")
+    try:
+        caller = ring.authenticate(header, "x")
+    except ServiceError as err:
+        assert err.code == ErrorCode.INVALID_API_KEY and key not in MANY_KEYS
+    else:
+        assert (caller.tenant, caller.tier) == MANY_KEYS[key]
+    # Hit or miss, well-formed or not: exactly one comparison of two full SHA-256 digests,
+    # and on a miss never against a configured hash.
+    assert len(calls) == 1
+    presented, expected = calls[0]
+    assert len(presented) == len(expected) == 32
+    hashes = {bytes.fromhex(sha(k)) for k in MANY_KEYS}
+    assert (expected in hashes) == (key in MANY_KEYS)
+
+
+def test_many_keys_every_key_authenticates() -> None:
+    ring = KeyRing(make_policy(keys=MANY_KEYS))
+    for key, (tenant, tier) in MANY_KEYS.items():
+        assert ring.authenticate(f"Bearer {key}", "x") == Caller(tenant, tier, False)
+    with pytest.raises(ServiceError):
+        ring.authenticate("Bearer sk-user0x", "x")
+
+
 def test_no_keys_configured_with_anonymous_tier_ignores_the_header() -> None:
     # The openai SDK always sends some key; a keyless laptop policy must still serve it.
     ring = KeyRing(make_policy(anonymous="free", keys={}))

@@ -366,3 +366,53 @@ async def test_the_loop_timer_expires_a_waiter_on_the_real_clock() -> None:
     assert info.value.waited >= 0.02
     assert sched.queue_depth()["pro"] == 0
     holder.release()
+
+
+# -- the fast path: a free slot with nobody queued -------------------------------------------
+
+
+def test_try_acquire_grants_at_once_when_nobody_waits_and_caps_allow() -> None:
+    h = Harness(make_policy(limit=2))
+    slot = h.sched.try_acquire("free", "a", 1.0)
+    assert slot is not None and slot.waited == 0.0
+    assert h.sched.inflight() == {"pro": 0, "plus": 0, "free": 1}
+    # The tenant cap (free: max_concurrent 1) and the global limit hold on the fast path too.
+    assert h.sched.try_acquire("free", "a", 1.0) is None
+    other = h.sched.try_acquire("pro", "b", 1.0)
+    assert other is not None
+    assert h.sched.try_acquire("pro", "c", 1.0) is None  # limit 2 reached
+    assert h.sched.try_acquire("nope", "a", 1.0) is None  # unknown tier: acquire raises
+    slot.release()
+    other.release()
+    assert h.sched.inflight_total == 0 and h.timers.armed == []
+
+
+async def test_try_acquire_never_overtakes_a_queued_waiter() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = h.sched.try_acquire("pro", "holder", 1.0)
+    assert holder is not None
+    queued = h.start("free", "f", "free")
+    await spin()
+    assert h.sched.queue_depth()["free"] == 1
+    holder.release()
+    await spin()
+    # The waiter took the slot on release; with one queued, the fast path stays shut.
+    assert h.order == ["free"]
+    assert h.sched.try_acquire("pro", "late", 1.0) is None
+    queued.result().release()
+    assert h.sched.try_acquire("pro", "late", 1.0) is not None
+
+
+async def test_fast_and_queued_grants_leave_no_deadlines_behind() -> None:
+    h = Harness(make_policy(limit=1))
+    holder = await h.sched.acquire("pro", "holder", 1.0, 10.0)
+    waiters = [h.start("plus", f"t{i}", f"w{i}", max_wait=50.0) for i in range(3)]
+    await spin()
+    holder.release()
+    for _ in waiters:
+        await spin()
+        running = [t.result() for t in waiters if t.done() and not t.result().released]
+        running[0].release()
+    assert h.sched.queue_depth() == {"pro": 0, "plus": 0, "free": 0}
+    # Served waiters' deadlines are dropped with the last of them, not kept until they pass.
+    assert h.sched._deadlines == []
