@@ -550,9 +550,10 @@ def report(results: Results) -> str:
 def _run_loop(loop: str, main: Coroutine[object, object, Results]) -> Results:
     """Serve every case on one event loop of the kind asked for, bare and gated alike."""
     if loop == "uvloop":
-        import uvloop
+        import uvloop  # optional: only this flag needs it
 
-        return uvloop.run(main)
+        results: Results = uvloop.run(main)
+        return results
     return asyncio.run(main)
 
 
