@@ -123,8 +123,15 @@ def load_pipeline_dir(model: str, path: Path, *, dtype: torch.dtype) -> Any:
     with stage(model, "scheduler"):
         scheduler_class = _scheduler_class(diffusers, index)
         scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler", **pretrained)
-    # meltguard is an admission gate, not a content filter: the safety checker would need
-    # a second CLIP model in memory and is left to the deployment to put in front.
+    return text_to_image_pipeline(diffusers, vae, text_encoder, tokenizer, unet, scheduler)
+
+
+def text_to_image_pipeline(
+    diffusers: Any, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any
+) -> Any:
+    """A StableDiffusionPipeline from its parts. meltguard is an admission gate, not a content
+    filter: the safety checker would need a second CLIP model in memory and is left to the
+    deployment to put in front."""
     return diffusers.StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

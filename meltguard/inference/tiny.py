@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from meltguard.inference.loading import stage, untyped_diffusers
+from meltguard.inference.loading import stage, text_to_image_pipeline, untyped_diffusers
 
 TINY_NAME = "tiny"
 TINY_WEIGHT_SEED = 0
@@ -126,14 +126,6 @@ def build_tiny_pipeline(seed: int = TINY_WEIGHT_SEED) -> Any:
             steps_offset=1,
             timestep_spacing="leading",
         )
-        pipeline = diffusers.StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipeline = text_to_image_pipeline(diffusers, vae, text_encoder, tokenizer, unet,
+                                          scheduler)
     return pipeline
