@@ -50,7 +50,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import NoReturn
 
 from meltguard.admission.auth import INCORRECT_KEY_MESSAGE, Caller, KeyRing
 from meltguard.admission.cost import DEFAULT_SEED_BITS, ImageAsk, cost_of, degrade, validate
@@ -80,6 +79,10 @@ RETRY_AFTER_MAX = 60.0  # the openai SDK ignores a longer Retry-After and retrie
 DAY = 86_400.0
 _WINDOWS_CACHED = 4096
 _NO_QUOTA = QuotaOutcome(True, ())
+# How long a quota refusal is answered again without asking the store. Usage only grows
+# between refunds, and this gate's own refunds forget the refusal at once; a refund made by
+# another daemon sharing the store is seen within this time.
+REFUSAL_MEMORY = 1.0
 
 
 def clamp_retry(seconds: float) -> float:
@@ -108,6 +111,26 @@ def quota_windows(tenant: str, eff: EffectiveTier) -> tuple[QuotaWindow, ...]:
         QuotaWindow(window_key(tenant, q.per), q.limit * eff.quota_factor, q.per)
         for q in eff.quotas
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A tenant's last quota refusal: the same cost is refused again, in the same words,
+    until `until` (the wall clock), as long as the tenant's windows are the same object (same
+    policy, tier and level)."""
+
+    windows: tuple[QuotaWindow, ...]
+    cost: float
+    until: float
+    reset_at: float  # when the binding window resets: Retry-After counts down to it
+    error: ServiceError
+
+    def again(self, now: float) -> ServiceError:
+        first = self.error
+        return ServiceError(
+            first.code, first.message, retry_after=clamp_retry(self.reset_at - now),
+            should_retry=first.should_retry, quota=first.quota,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +253,7 @@ class Gate:
         self._effective_cache: dict[tuple[str, Level], EffectiveTier] = {}
         self._windows_cache: dict[tuple[str, str, Level], tuple[QuotaWindow, ...]] = {}
         self._quota_heads: dict[tuple[str, float, Level, float, float], str] = {}
+        self._refusals: dict[str, _Refusal] = {}
         self._reference_note = _reference_note(policy)
 
     # -- configuration and readings ------------------------------------------------------------
@@ -254,6 +278,7 @@ class Gate:
         self._effective_cache = {}
         self._windows_cache = {}
         self._quota_heads = {}
+        self._refusals = {}
         self._reference_note = _reference_note(policy)
         self._scheduler.set_policy(policy)
 
@@ -319,16 +344,23 @@ class Gate:
     # -- the decision ----------------------------------------------------------------------------
 
     async def admit(self, caller: Caller, ask: ImageAsk) -> Permit:
+        """A permit, or the refusal raised as a ServiceError."""
+        decision = await self.decide(caller, ask)
+        if isinstance(decision, ServiceError):
+            raise decision
+        return decision
+
+    async def decide(self, caller: Caller, ask: ImageAsk) -> Permit | ServiceError:
+        """A permit, or the refusal returned rather than raised: a refusal is an answer, not a
+        fault, and the daemon answers floods of them. Raised, each would carry a traceback
+        through every frame it crossed, and that traceback the frames whose locals hold the
+        refusal: a reference cycle per refused request, left to the garbage collector."""
         try:
             return await self._decide(caller, ask)
-        except ServiceError as refusal:
-            # A refusal is an answer, not a fault. Its traceback would keep the decision's
-            # frames alive, and their locals the refusal itself: a reference cycle per refused
-            # request, left to the garbage collector, which then runs several times as often
-            # and costs more than the decision under a flood of refusals.
-            raise refusal.with_traceback(None)  # noqa: B904  the same one, its context kept
+        except ServiceError as refusal:  # the caller's tier vanished in a reload
+            return refusal.with_traceback(None)
 
-    async def _decide(self, caller: Caller, ask: ImageAsk) -> Permit:
+    async def _decide(self, caller: Caller, ask: ImageAsk) -> Permit | ServiceError:
         policy, level = self._policy, self._level
         shadow = policy.mode == "shadow"
         tier, tenant = caller.tier, caller.tenant
@@ -340,7 +372,7 @@ class Gate:
                 default_seed=self._rng.getrandbits(DEFAULT_SEED_BITS) if ask.seed is None else None,
             )
         except ServiceError as bad:
-            self._refuse(caller, level, bad)
+            return self._refused(caller, level, bad.with_traceback(None))
         degraded_job, changes = degrade(asked, eff)
         job = asked if shadow else degraded_job
         # Shadow mode: the first refusal enforcement would have answered.
@@ -355,7 +387,7 @@ class Gate:
                 status=policy.overload_status,
             )
             if not shadow:
-                self._refuse(caller, level, err, degraded=changes)
+                return self._refused(caller, level, err, degraded=changes)
             would = would or err
 
         cost = cost_of(job, policy)
@@ -364,6 +396,11 @@ class Gate:
         charged, charged_at, fail_open = 0.0, 0.0, False
         if windows:
             now = self._clock.wall()
+            refused = self._refusals.get(tenant)
+            if (refused is not None and refused.windows is windows
+                    and refused.cost == cost and now < refused.until and not shadow):
+                # A flood from a tenant over its quota: answered without the store.
+                return self._refused(caller, level, refused.again(now), cost, changes)
             try:
                 quota = await self._store.consume(windows, cost, now)
             except Exception as exc:  # any store failure: network, timeout, corruption, bug
@@ -372,7 +409,7 @@ class Gate:
                 if policy.on_store_error == "closed":
                     err = self._store_unavailable()
                     if not shadow:
-                        self._refuse(caller, level, err, cost, changes)
+                        return self._refused(caller, level, err, cost, changes)
                     would = would or err
                 else:
                     fail_open = True
@@ -380,9 +417,10 @@ class Gate:
                 if quota.allowed:
                     charged, charged_at = cost, quota.charged_at
                 else:
-                    err = self._quota_error(quota, now, eff, cost)
+                    err, reset_at = self._quota_error(quota, now, eff, cost)
                     if not shadow:
-                        self._refuse(caller, level, err, cost, changes)
+                        self._remember_refusal(tenant, windows, cost, now, err, reset_at)
+                        return self._refused(caller, level, err, cost, changes)
                     would = would or err
 
         scheduler = self._scheduler
@@ -396,16 +434,19 @@ class Gate:
                 status=policy.overload_status,
             )
             if not shadow:
-                await self._refund_now(windows, charged, charged_at)
-                self._refuse(caller, level, err, cost, changes)
+                await self._refund_now(tenant, windows, charged, charged_at)
+                return self._refused(caller, level, err, cost, changes)
             would = would or err
 
         # Nobody queued and a slot free: granted on the spot, without a waiter or a timer.
         slot = scheduler.try_acquire(tier, tenant, cost)
         if slot is None:
-            slot = await self._wait_for_slot(
+            queued = await self._wait_for_slot(
                 caller, level, eff, cost, changes, shadow, windows, charged, charged_at
             )
+            if isinstance(queued, ServiceError):
+                return queued
+            slot = queued
         waited = slot.waited
         self._emit(Waited(tier, waited))
         if shadow and would is None and waited > eff.max_queue_wait:
@@ -440,7 +481,7 @@ class Gate:
         windows: tuple[QuotaWindow, ...],
         charged: float,
         charged_at: float,
-    ) -> Slot:
+    ) -> Slot | ServiceError:
         tier = caller.tier
         entered = self._clock.monotonic()
         try:
@@ -449,9 +490,9 @@ class Gate:
             )
         except QueueTimeout as exc:
             self._emit(Waited(tier, exc.waited))
-            await self._refund_now(windows, charged, charged_at)
+            await self._refund_now(caller.tenant, windows, charged, charged_at)
             later = self._scheduler.estimate_wait(tier, cost)
-            self._refuse(caller, level, ServiceError(
+            return self._refused(caller, level, ServiceError(
                 ErrorCode.QUEUE_TIMEOUT,
                 f"No GPU slot came free within the {eff.max_queue_wait:g} s a {tier}-tier "
                 "request may wait in the queue.",
@@ -460,21 +501,21 @@ class Gate:
         except asyncio.CancelledError:
             # The client left while queued: nothing ran, so give the charge back.
             self._emit(Waited(tier, self._clock.monotonic() - entered))
-            self._spawn_refund(windows, charged, charged_at)
+            self._spawn_refund(caller.tenant, windows, charged, charged_at)
             self._emit(Settled(tier, "ignored", charged))
             raise
 
-    def _refuse(
+    def _refused(
         self,
         caller: Caller,
         level: Level,
         err: ServiceError,
         cost: float = 0.0,
         degraded: tuple[str, ...] = (),
-    ) -> NoReturn:
+    ) -> ServiceError:
         self._emit(Decided(caller.tier, caller.tenant, "reject", err.code.value, level, cost, 0.0,
                            degraded))
-        raise err
+        return err
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -498,22 +539,20 @@ class Gate:
             windows = self._windows_cache[key] = quota_windows(tenant, eff)
         return windows
 
+    def _remember_refusal(
+        self, tenant: str, windows: tuple[QuotaWindow, ...], cost: float, now: float,
+        err: ServiceError, reset_at: float,
+    ) -> None:
+        if len(self._refusals) >= _WINDOWS_CACHED:
+            self._refusals.clear()
+        self._refusals[tenant] = _Refusal(
+            windows, cost, min(now + REFUSAL_MEMORY, reset_at), reset_at, err)
+
     def _quota_error(
         self, quota: QuotaOutcome, now: float, eff: EffectiveTier, cost: float
-    ) -> ServiceError:
-        # Of the windows this cost does not fit, the one that resets last binds: answering
-        # with an earlier one would only send the client back to be refused again.
-        state: WindowState | None = None
-        for candidate in quota.windows:
-            if candidate.used + cost > candidate.window.limit + 1e-9 and (
-                state is None or candidate.reset_at > state.reset_at
-            ):
-                state = candidate
-        if state is None:
-            if quota.exhausted is not None:
-                state = quota.exhausted
-            else:
-                state = min(quota.windows, key=lambda s: s.remaining)
+    ) -> tuple[ServiceError, float]:
+        """The refusal, and when the window it names resets."""
+        state = _binding(quota, cost)
         window = state.window
         wait = state.reset_at - now
         what = (
@@ -532,13 +571,13 @@ class Gate:
                 retry_after=clamp_retry(wait),
                 should_retry=False,
                 quota=quota,
-            )
+            ), state.reset_at
         return ServiceError(
             ErrorCode.RATE_LIMIT_EXCEEDED,
             f"Rate limit reached: {what}. Try again in {math.ceil(max(wait, 1.0))} s.",
             retry_after=clamp_retry(wait),
             quota=quota,
-        )
+        ), state.reset_at
 
     def _quota_head(self, eff: EffectiveTier, window: QuotaWindow) -> str:
         """The fixed part of a quota refusal's message for one window of a tier at the
@@ -569,19 +608,20 @@ class Gate:
         self._emit(StoreFailed(self._store.name, f"{type(exc).__name__}: {exc}"))
 
     async def _refund_now(
-        self, windows: tuple[QuotaWindow, ...], charged: float, charged_at: float
+        self, tenant: str, windows: tuple[QuotaWindow, ...], charged: float, charged_at: float
     ) -> None:
         """Refund before answering, so a client retrying at once finds its quota restored.
         Shielded: if the request is cancelled meanwhile, the refund still completes."""
-        task = self._spawn_refund(windows, charged, charged_at)
+        task = self._spawn_refund(tenant, windows, charged, charged_at)
         if task is not None:
             await asyncio.shield(task)
 
     def _spawn_refund(
-        self, windows: tuple[QuotaWindow, ...], charged: float, charged_at: float
+        self, tenant: str, windows: tuple[QuotaWindow, ...], charged: float, charged_at: float
     ) -> asyncio.Task[None] | None:
         if charged <= 0 or not windows:
             return None
+        self._refusals.pop(tenant, None)
         task = asyncio.get_running_loop().create_task(self._refund(windows, charged, charged_at))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -603,7 +643,7 @@ class Gate:
         permit._slot.release()
         refunded = 0.0 if outcome == "success" else permit.charged
         if refunded:
-            self._spawn_refund(permit._windows, refunded, permit.charged_at)
+            self._spawn_refund(permit.tenant, permit._windows, refunded, permit.charged_at)
         self._emit(Settled(permit.tier, outcome, refunded))
 
     def _emit(self, event: Event) -> None:
@@ -612,6 +652,22 @@ class Gate:
             self._on_event(event)
         except Exception:
             _log.exception("admission event hook failed for %r", event)
+
+
+def _binding(quota: QuotaOutcome, cost: float) -> WindowState:
+    """The window a quota refusal names: of those the cost does not fit, the one that resets
+    last, since naming an earlier one would only send the client back to be refused again."""
+    state: WindowState | None = None
+    for candidate in quota.windows:
+        if candidate.used + cost > candidate.window.limit + 1e-9 and (
+            state is None or candidate.reset_at > state.reset_at
+        ):
+            state = candidate
+    if state is not None:
+        return state
+    if quota.exhausted is not None:
+        return quota.exhausted
+    return min(quota.windows, key=lambda s: s.remaining)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -100,6 +100,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await runtime.gate.drain()
+    runtime.events.flush()  # the last second's folded refusals
     await runtime.engine.close()
 
 
@@ -135,7 +136,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await handler(request)
     except ServiceError as exc:
-        response = await _error_with_quota(request, exc)
+        response = await refusal_response(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -199,7 +200,8 @@ def _account(request: web.Request, runtime: Runtime, status: int, started: float
                     tier=tier, ms=round((time.perf_counter() - started) * 1000, 2))
 
 
-async def _error_with_quota(request: web.Request, exc: ServiceError) -> web.Response:
+async def refusal_response(request: web.Request, exc: ServiceError) -> web.Response:
+    """The error in OpenAI's shape, with the caller's rate-limit headers once it is known."""
     caller = request.get(CALLER)
     if caller is None:
         return error_response(exc)
@@ -250,7 +252,11 @@ async def create_image(request: web.Request) -> web.Response:
 
     runtime.request_started()
     try:
-        permit = await gate.admit(caller, parsed.ask)
+        permit = await gate.decide(caller, parsed.ask)
+        if isinstance(permit, ServiceError):
+            # Answered here rather than raised to the edge: a flood of refusals is answered
+            # as often as anything the daemon does.
+            return await refusal_response(request, permit)
         pngs = await _generate(runtime, permit, caller)
     finally:
         runtime.request_finished()

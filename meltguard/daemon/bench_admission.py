@@ -60,24 +60,24 @@ from prometheus_client import CollectorRegistry
 from meltguard.admission.cost import ImageAsk
 from meltguard.admission.gate import Gate
 from meltguard.clock import SystemClock
-from meltguard.daemon.errors import error_response
+from meltguard.daemon.app import CALLER, refusal_response
 from meltguard.daemon.logs import configure_logging
 from meltguard.daemon.metrics import Metrics
 from meltguard.daemon.policy_file import load_policy_file
 from meltguard.daemon.ratelimit_headers import ratelimit_headers
-from meltguard.daemon.runtime import Runtime
-from meltguard.daemon.serve import assemble
+from meltguard.daemon.serve import Assembly, assemble
 from meltguard.daemon.settings import Settings
 from meltguard.daemon.stores.bench import redis_server
 from meltguard.daemon.stores.select import open_store
 from meltguard.errors import ServiceError
 from meltguard.protocols import QuotaStore
-from meltguard.values import QuotaOutcome, Size
+from meltguard.values import Size
 
 ADMIT_KEY = "sk-bench-admit"
 REJECT_KEY = "sk-bench-over-quota"
 STORES = ("memory", "sqlite", "redis")
 SILENT = "memory, no events"
+RAW = "raw aiohttp"
 BODY = b'{"ok":true}'
 # The shape of a real tier: a daily and a per-minute window. The admit tenant never runs
 # out; the over-quota tenant spends its one image of the day in the warm-up.
@@ -124,6 +124,7 @@ class Case:
     path: str
     key: str | None
     expect_ok: bool
+    server: str = "daemon"  # or "raw": a plain aiohttp application
 
 
 @dataclass
@@ -165,14 +166,13 @@ def _sha(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _runtime(store_label: str, store: QuotaStore, policy_path: Path) -> Runtime:
-    """The daemon's own wiring (serve.assemble) around one store; nothing is started, so
-    pressure stays at normal and no sampler competes for the core."""
+def _assembly(store_label: str, store: QuotaStore, policy_path: Path) -> Assembly:
+    """The daemon's own wiring (serve.assemble) around one store."""
     settings = Settings(policy=str(policy_path), model="sim", telemetry="sim",
                         store=store_label, policy_poll=0)
     assembly = assemble(settings, SystemClock(), CollectorRegistry(), store=store)
     assert isinstance(assembly.runtime.metrics, Metrics)
-    return assembly.runtime
+    return assembly
 
 
 def _silent_gate(policy_path: Path) -> Gate:
@@ -183,19 +183,18 @@ def _silent_gate(policy_path: Path) -> Gate:
 
 
 def _gated(gate: Gate) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The trivial route behind what the daemon's image handler does before and after the
+    engine, refusals answered as it answers them."""
     clock = SystemClock()
 
     async def handler(request: web.Request) -> web.Response:
-        try:
-            caller = gate.authenticate(request.headers.get("Authorization"),
-                                       request.remote or "unknown")
-            # As the daemon's handler does: the decision's log line names the caller.
-            structlog.contextvars.bind_contextvars(tenant=caller.tenant, tier=caller.tier)
-            permit = await gate.admit(caller, ASK)
-        except ServiceError as exc:
-            quota = exc.quota if isinstance(exc.quota, QuotaOutcome) else None
-            return error_response(
-                exc, ratelimit_headers(quota, clock.wall()) if quota is not None else None)
+        caller = gate.authenticate(request.headers.get("Authorization"),
+                                   request.remote or "unknown")
+        request[CALLER] = caller
+        structlog.contextvars.bind_contextvars(tenant=caller.tenant, tier=caller.tier)
+        permit = await gate.decide(caller, ASK)
+        if isinstance(permit, ServiceError):
+            return await refusal_response(request, permit)
         # The engine would run here; settling at once keeps the route trivial.
         permit.settle("success", seconds=0.001)
         headers = ratelimit_headers(permit.quota, clock.wall()) if permit.quota else {}
@@ -204,7 +203,7 @@ def _gated(gate: Gate) -> Callable[[web.Request], Awaitable[web.Response]]:
     return handler
 
 
-async def _bare(request: web.Request) -> web.Response:
+async def _trivial(request: web.Request) -> web.Response:
     return web.Response(body=BODY, content_type="application/json")
 
 
@@ -297,10 +296,12 @@ def _slug(name: str) -> str:
 
 
 def _cases() -> list[Case]:
-    cases = [Case("bare", "/bare", None, True)]
+    cases = [Case("bare", "/v1/bench/bare", None, True),
+             Case(RAW, "/bare", None, True, server="raw")]
     for store in (*STORES, SILENT):
-        cases.append(Case(f"{store} admit", f"/{_slug(store)}/admit", ADMIT_KEY, True))
-        cases.append(Case(f"{store} reject", f"/{_slug(store)}/reject", REJECT_KEY, False))
+        route = f"/v1/bench/{_slug(store)}"
+        cases.append(Case(f"{store} admit", f"{route}/admit", ADMIT_KEY, True))
+        cases.append(Case(f"{store} reject", f"{route}/reject", REJECT_KEY, False))
     return cases
 
 
@@ -310,29 +311,36 @@ async def run(args: argparse.Namespace, work: Path, redis_url: str) -> Results:
     specs = {"memory": "memory", "sqlite": f"sqlite:{work / 'quota.sqlite3'}",
              "redis": redis_url}
     stores = {name: open_store(spec) for name, spec in specs.items()}
-    runtimes = {name: _runtime(specs[name], stores[name], policy_path) for name in STORES}
+    assemblies = {name: _assembly(specs[name], stores[name], policy_path) for name in STORES}
+    runtimes = {name: assembly.runtime for name, assembly in assemblies.items()}
     gates = {name: runtime.gate for name, runtime in runtimes.items()}
     gates[SILENT] = _silent_gate(policy_path)
 
-    app = web.Application()
-    app.router.add_get("/bare", _bare)
+    # Every case but the raw one is served by one daemon's own application (the memory
+    # store's), so each request passes its edge as every daemon request does: request id,
+    # access line, requests_total, errors in OpenAI's shape. The other stores' gates are
+    # routes on it; their own applications are not served.
+    app = assemblies["memory"].app
+    app.router.add_get("/v1/bench/bare", _trivial)
     for name, gate in gates.items():
         handler = _gated(gate)
-        app.router.add_get(f"/{_slug(name)}/admit", handler)
-        app.router.add_get(f"/{_slug(name)}/reject", handler)
+        app.router.add_get(f"/v1/bench/{_slug(name)}/admit", handler)
+        app.router.add_get(f"/v1/bench/{_slug(name)}/reject", handler)
+    raw = web.Application()
+    raw.router.add_get("/bare", _trivial)
 
     wrk = None if args.no_wrk else shutil.which("wrk")
     tool = f"wrk -t1 -c{args.connections}" if wrk else f"aiohttp client, {args.connections} conn"
     results = Results(tool, args.connections, args.seconds, args.rounds)
     cases = _cases()
     if args.only:
-        wanted = {*args.only, "bare"}
+        wanted = {*args.only, "bare", RAW}
         cases = [case for case in cases if case.name in wanted]
     results.rates = {case.name: [] for case in cases}
     results.bad = {case.name: 0 for case in cases}
 
     async def measure(case: Case, seconds: float) -> Load:
-        url = base + case.path
+        url = bases[case.server] + case.path
         if wrk is not None:
             return await _run_wrk(wrk, url, case.key, seconds, args.connections, case.expect_ok)
         return await _run_client(url, case.key, seconds, args.connections, case.expect_ok)
@@ -346,7 +354,8 @@ async def run(args: argparse.Namespace, work: Path, redis_url: str) -> Results:
 
     warmup_errors: dict[str, float] = {}
     try:
-        async with serving(app) as base:
+        async with serving(app) as daemon_base, serving(raw) as raw_base:
+            bases = {"daemon": daemon_base, "raw": raw_base}
             # Warm-up: connections, script loads, sqlite pages, and the capped tenant's one
             # image of the day, so every later request on its path is refused. A cold Redis
             # pool meeting 16 connections at once may time out a few dials (fail-open

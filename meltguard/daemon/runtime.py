@@ -4,17 +4,16 @@ assessment from telemetry, and admission events turned into metrics and log line
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
 
-from meltguard.admission.events import Decided, Settled, StoreFailed, Waited
+from meltguard.admission.events import Event
 from meltguard.admission.gate import Gate
 from meltguard.admission.policy import LEVEL_NAMES, Level, Policy
 from meltguard.admission.pressure import PressureState, assess, cooling_eta
+from meltguard.daemon.admission_events import AdmissionEvents
 from meltguard.daemon.image_files import ImageFiles
 from meltguard.daemon.metrics import LiveView, Metrics
 from meltguard.daemon.policy_file import LoadedPolicy, PolicyFileError, load_policy_file
@@ -23,7 +22,6 @@ from meltguard.protocols import Clock, Engine
 from meltguard.values import GpuSample
 
 log = structlog.get_logger("meltguard")
-_log = logging.getLogger(__name__)
 
 
 class Runtime:
@@ -51,9 +49,7 @@ class Runtime:
         self._idle.set()
         self.images = ImageFiles(settings.url_ttl)
         self.metrics: Metrics | None = None
-        # Admission events waiting for the end of the event-loop turn (see on_event).
-        self._events: list[tuple[contextvars.Context, object]] = []
-        self._events_loop: asyncio.AbstractEventLoop | None = None
+        self.events = AdmissionEvents(lambda: self.metrics)
         self.on_policy_change: Callable[[Policy], None] = lambda policy: None
         self.rejected_sha256: str | None = None  # a bad file is reported once, not every poll
         self.started_at = clock.monotonic()
@@ -134,67 +130,9 @@ class Runtime:
 
     # -- events ---------------------------------------------------------------------------
 
-    def on_event(self, event: object) -> None:
-        """Turn an admission event into metrics and log lines at the end of the current
-        event-loop turn, in the context it was emitted in (request id, tenant, tier).
-
-        Why not at once: every request writes its answer to a socket, and the kernel's work
-        there evicts the CPU caches, so a request's metrics and log line, done in between,
-        run on cold caches at several times their warm cost. Done together after the turn's
-        handlers, they run warm. A request's events are done before its answer reaches the
-        client's side of the loop, so nothing that reads metrics or logs after a response
-        can tell; only a line's position relative to lines written synchronously in the same
-        turn (`http.request`) moves. Outside a running loop, an event is done at once."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._apply(event)
-            return
-        # Keyed by loop: a loop that closed with events pending must not hold up later ones.
-        if self._events_loop is not loop:
-            self._events_loop = loop
-            loop.call_soon(self._apply_pending)
-        self._events.append((contextvars.copy_context(), event))
-
-    def _apply_pending(self) -> None:
-        self._events_loop = None
-        pending, self._events = self._events, []
-        for context, event in pending:
-            try:
-                context.run(self._apply, event)
-            except Exception:
-                # As the gate does for a hook that fails in line: never lose the others.
-                _log.exception("admission event hook failed for %r", event)
-
-    def _apply(self, event: object) -> None:
-        metrics = self.metrics
-        if isinstance(event, Decided):
-            if metrics is not None:
-                metrics.decided(event.tier, event.decision, event.reason)
-            # bind() hands back the cached logger once logging is configured, without the
-            # proxy's per-call attribute lookup: this line is written for every request.
-            log.bind().info(
-                "admission.decided",
-                tier=event.tier,
-                tenant=event.tenant,
-                decision=event.decision,
-                reason=event.reason,
-                pressure=event.level.label,
-                cost=round(event.cost, 4),
-                wait_s=round(event.wait_s, 4),
-                degraded=list(event.degraded) if event.degraded else None,
-            )
-        elif isinstance(event, Waited):
-            if metrics is not None:
-                metrics.waited(event.tier, event.seconds)
-        elif isinstance(event, Settled):
-            if event.refunded:
-                log.info("quota.refunded", tier=event.tier, outcome=event.outcome,
-                         cost=round(event.refunded, 4))
-        elif isinstance(event, StoreFailed):
-            if metrics is not None:
-                metrics.store_errors.labels(event.store).inc()
-            log.error("quota_store.failed", store=event.store, error=event.error)
+    def on_event(self, event: Event) -> None:
+        """The gate's event sink: metrics and log lines (see admission_events)."""
+        self.events.on_event(event)
 
     # -- scrape-time view -----------------------------------------------------------------
 

@@ -270,21 +270,21 @@ class BaselineGate(Gate):
             service_seconds_per_cost=None,
         )
 
-    async def admit(self, caller: Caller, ask: ImageAsk) -> Permit:
+    async def decide(self, caller: Caller, ask: ImageAsk) -> Permit | ServiceError:
         policy, level = self.policy, self.level
         tier, tenant = caller.tier, caller.tenant
         if tier not in policy.tiers:
-            raise ServiceError(ErrorCode.INVALID_API_KEY, "Unknown tier for this key.")
+            return ServiceError(ErrorCode.INVALID_API_KEY, "Unknown tier for this key.")
         try:
             job = validate(ask, policy, default_seed=self._rng.randint(0, DEFAULT_SEED_MAX))
         except ServiceError as bad:
             self._decided(caller, "reject", str(bad.code), level, 0.0, 0.0)
-            raise
+            return bad.with_traceback(None)
         cost = cost_of(job, policy)
         refusal = self._refusal()
         if refusal is not None:
             self._decided(caller, "reject", str(refusal.code), level, cost, 0.0)
-            raise refusal
+            return refusal
 
         clock = self._clock
         entered = clock.monotonic()
