@@ -67,6 +67,7 @@ from meltguard.admission.events import (
     Waited,
 )
 from meltguard.admission.policy import EffectiveTier, Level, Policy
+from meltguard.admission.quota_memory import MemoryQuotaStore
 from meltguard.admission.scheduler import CallLater, QueueTimeout, Scheduler, Slot
 from meltguard.errors import ErrorCode, ServiceError
 from meltguard.protocols import Clock, QuotaStore
@@ -120,7 +121,9 @@ class _Refusal:
     policy, tier and level)."""
 
     windows: tuple[QuotaWindow, ...]
+    ask: ImageAsk  # as the client sent it: the same ask again skips validation too
     cost: float
+    changes: tuple[str, ...]
     until: float
     reset_at: float  # when the binding window resets: Retry-After counts down to it
     error: ServiceError
@@ -240,6 +243,9 @@ class Gate:
         self._policy = policy
         self._keyring = KeyRing(policy)
         self._store = store
+        # An in-process store answers without a suspension point: called directly, it costs no
+        # coroutine per decision.
+        self._consume_now = store.consume_now if isinstance(store, MemoryQuotaStore) else None
         self._clock = clock
         self._on_event = on_event
         self._rng = rng if rng is not None else random.Random()
@@ -355,16 +361,22 @@ class Gate:
         fault, and the daemon answers floods of them. Raised, each would carry a traceback
         through every frame it crossed, and that traceback the frames whose locals hold the
         refusal: a reference cycle per refused request, left to the garbage collector."""
-        try:
-            return await self._decide(caller, ask)
-        except ServiceError as refusal:  # the caller's tier vanished in a reload
-            return refusal.with_traceback(None)
-
-    async def _decide(self, caller: Caller, ask: ImageAsk) -> Permit | ServiceError:
         policy, level = self._policy, self._level
         shadow = policy.mode == "shadow"
         tier, tenant = caller.tier, caller.tenant
-        eff = self._effective_cache.get((tier, level)) or self._effective(caller)
+        eff = self._effective_cache.get((tier, level))
+        if eff is None:
+            try:
+                eff = self._effective(caller)
+            except ServiceError as gone:  # the caller's tier vanished in a reload
+                return gone.with_traceback(None)
+        refused = self._refusals.get(tenant)
+        if refused is not None and refused.ask == ask and not shadow:
+            # A client retrying the same request in a loop after its quota ran out.
+            now = self._clock.wall()
+            if refused.windows is self._windows(tenant, eff, level) and now < refused.until:
+                return self._refused(caller, level, refused.again(now), refused.cost,
+                                     refused.changes)
 
         try:
             asked = validate(
@@ -396,13 +408,16 @@ class Gate:
         charged, charged_at, fail_open = 0.0, 0.0, False
         if windows:
             now = self._clock.wall()
-            refused = self._refusals.get(tenant)
             if (refused is not None and refused.windows is windows
                     and refused.cost == cost and now < refused.until and not shadow):
-                # A flood from a tenant over its quota: answered without the store.
+                # The same cost as a refusal a moment ago: answered without the store.
                 return self._refused(caller, level, refused.again(now), cost, changes)
+            consume_now = self._consume_now
             try:
-                quota = await self._store.consume(windows, cost, now)
+                if consume_now is not None:
+                    quota = consume_now(windows, cost, now)
+                else:
+                    quota = await self._store.consume(windows, cost, now)
             except Exception as exc:  # any store failure: network, timeout, corruption, bug
                 self._store_failed(exc)
                 quota = None
@@ -419,7 +434,9 @@ class Gate:
                 else:
                     err, reset_at = self._quota_error(quota, now, eff, cost)
                     if not shadow:
-                        self._remember_refusal(tenant, windows, cost, now, err, reset_at)
+                        self._remember_refusal(tenant, _Refusal(
+                            windows, ask, cost, changes, min(now + REFUSAL_MEMORY, reset_at),
+                            reset_at, err))
                         return self._refused(caller, level, err, cost, changes)
                     would = would or err
 
@@ -539,14 +556,10 @@ class Gate:
             windows = self._windows_cache[key] = quota_windows(tenant, eff)
         return windows
 
-    def _remember_refusal(
-        self, tenant: str, windows: tuple[QuotaWindow, ...], cost: float, now: float,
-        err: ServiceError, reset_at: float,
-    ) -> None:
+    def _remember_refusal(self, tenant: str, refusal: _Refusal) -> None:
         if len(self._refusals) >= _WINDOWS_CACHED:
             self._refusals.clear()
-        self._refusals[tenant] = _Refusal(
-            windows, cost, min(now + REFUSAL_MEMORY, reset_at), reset_at, err)
+        self._refusals[tenant] = refusal
 
     def _quota_error(
         self, quota: QuotaOutcome, now: float, eff: EffectiveTier, cost: float

@@ -31,16 +31,31 @@ class MemoryQuotaStore:
         return self.consume_now(windows, cost, now)
 
     def consume_now(self, windows: Sequence[QuotaWindow], cost: float, now: float) -> QuotaOutcome:
-        states = tuple(self._state(w, now) for w in windows)
-        for state in states:
-            if state.used + cost > state.window.limit + EPSILON:
-                return QuotaOutcome(False, states, exhausted=state, charged_at=now)
+        """`consume` without a suspension point, for a caller on the hot path."""
+        used_by_slot = self._used
+        # One pass computes each window's slot, usage and reset once.
+        looked: list[tuple[QuotaWindow, tuple[str, int], float, float]] = []
+        fits = True
         for window in windows:
-            slot = (window.key, window.window_id(now))
-            self._used[slot] = self._used.get(slot, 0.0) + cost
-            self._ends[slot] = window.reset_at(now)
+            period = window.period
+            window_id = int(now // period)
+            slot = (window.key, window_id)
+            used = used_by_slot.get(slot, 0.0)
+            looked.append((window, slot, used, (window_id + 1) * period))
+            if used + cost > window.limit + EPSILON:
+                fits = False
+        if not fits:
+            states = tuple(WindowState(w, used, reset) for w, _, used, reset in looked)
+            exhausted = next(s for s in states if s.used + cost > s.window.limit + EPSILON)
+            return QuotaOutcome(False, states, exhausted=exhausted, charged_at=now)
+        ends = self._ends
+        charged = []
+        for window, slot, used, reset in looked:
+            used_by_slot[slot] = total = used + cost
+            ends[slot] = reset
+            charged.append(WindowState(window, total, reset))
         self._expire(now)
-        return QuotaOutcome(True, tuple(self._state(w, now) for w in windows), charged_at=now)
+        return QuotaOutcome(True, tuple(charged), charged_at=now)
 
     async def refund(self, windows: Sequence[QuotaWindow], cost: float, charged_at: float) -> None:
         for window in windows:

@@ -48,8 +48,10 @@ class AdmissionEvents:
         self._fold_timer: asyncio.TimerHandle | None = None
 
     def on_event(self, event: Event) -> None:
-        if type(event) is Settled and not event.refunded:
+        if isinstance(event, Settled) and not event.refunded:
             return  # a success without a refund says nothing a series or a line reports
+        if isinstance(event, Decided) and self._folds and self._fold_now(event):
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -93,7 +95,7 @@ class AdmissionEvents:
 
     def _apply(self, event: Event, loop: asyncio.AbstractEventLoop | None) -> None:
         metrics = self._metrics()
-        if type(event) is Decided:
+        if isinstance(event, Decided):
             if metrics is not None:
                 metrics.decided(event.tier, event.decision, event.reason)
             if event.decision == "reject" and loop is not None and self._fold(event, loop):
@@ -111,16 +113,31 @@ class AdmissionEvents:
                 wait_s=round(event.wait_s, 4),
                 degraded=list(event.degraded) if event.degraded else None,
             )
-        elif type(event) is Waited:
+        elif isinstance(event, Waited):
             if metrics is not None:
                 metrics.waited(event.tier, event.seconds)
-        elif type(event) is Settled:
+        elif isinstance(event, Settled):
             log.info("quota.refunded", tier=event.tier, outcome=event.outcome,
                      cost=round(event.refunded, 4))
-        elif type(event) is StoreFailed:
+        elif isinstance(event, StoreFailed):
             if metrics is not None:
                 metrics.store_errors.labels(event.store).inc()
             log.error("quota_store.failed", store=event.store, error=event.error)
+
+    def _fold_now(self, event: Decided) -> bool:
+        """A refusal joining a fold that is already open: counted at once, since it has no
+        line to write and so nothing worth deferring."""
+        if event.decision != "reject":
+            return False
+        fold = self._folds.get((event.tenant, event.tier, event.reason, event.level.label))
+        if fold is None:
+            return False
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.decided(event.tier, event.decision, event.reason)
+        fold[0] += 1
+        fold[1] += event.cost
+        return True
 
     def _fold(self, event: Decided, loop: asyncio.AbstractEventLoop) -> bool:
         """True when the refusal joins the second's count instead of getting its own line."""

@@ -37,14 +37,7 @@ def status_of(error: ServiceError) -> int:
     return error.status or _STATUS[error.code][0]
 
 
-def retry_after_headers(seconds: float) -> dict[str, str]:
-    capped = min(max(seconds, 0.0), MAX_RETRY_AFTER)
-    return {
-        "Retry-After": str(max(1, math.ceil(capped))),
-        "retry-after-ms": str(max(1, round(capped * 1000))),
-    }
-
-
+_JSON = "application/json; charset=utf-8"
 # A flood of refusals repeats a handful of messages (one tenant over its quota gets the same
 # words until its window resets): each body is encoded once.
 _BODIES: dict[tuple[str, str | None, ErrorCode], bytes] = {}
@@ -70,16 +63,17 @@ def error_response(
     """The error in OpenAI's shape; `extra_headers` (rate-limit fields) are added in the same
     step, since a refusal under a flood is answered as often as anything the daemon does."""
     status = error.status or _STATUS[error.code][0]
-    body = _body(error.message, error.param, error.code)
-    headers: dict[str, str] = {}
-    if error.retry_after is not None or status in (429, 503):
-        headers.update(retry_after_headers(error.retry_after if error.retry_after else 1.0))
+    headers = dict(extra_headers) if extra_headers else {}
+    retry_after = error.retry_after
+    if retry_after is not None or status in (429, 503):
+        capped = min(max(retry_after or 1.0, 0.0), MAX_RETRY_AFTER)
+        headers["Retry-After"] = str(max(1, math.ceil(capped)))
+        headers["retry-after-ms"] = str(max(1, round(capped * 1000)))
     if error.should_retry is not None:
         headers["x-should-retry"] = "true" if error.should_retry else "false"
-    if extra_headers:
-        headers.update(extra_headers)
-    return web.Response(status=status, body=body, content_type="application/json",
-                        charset="utf-8", headers=headers)
+    headers["Content-Type"] = _JSON
+    return web.Response(status=status, body=_body(error.message, error.param, error.code),
+                        headers=headers)
 
 
 def from_http_exception(exc: web.HTTPException) -> ServiceError:

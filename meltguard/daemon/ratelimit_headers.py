@@ -30,7 +30,14 @@ def openai_duration(seconds: float) -> str:
 
 
 def _tightest(windows: tuple[WindowState, ...]) -> WindowState:
-    return min(windows, key=lambda w: (w.remaining, w.reset_at))
+    """The window with the least left, the sooner-resetting one on a tie."""
+    best = windows[0]
+    best_left = best.remaining
+    for state in windows[1:]:
+        left = state.remaining
+        if left < best_left or (left == best_left and state.reset_at < best.reset_at):
+            best, best_left = state, left
+    return best
 
 
 # RateLimit-Policy depends only on the windows' limits and periods, which stay the same for a
@@ -51,19 +58,41 @@ def _policy_field(windows: tuple[WindowState, ...]) -> str:
     return text
 
 
+class _Memo:
+    """The last outcome answered and its headers: a tenant refused again and again gets the
+    same quota outcome back (see the gate's refusal memory), and its headers change only when
+    the reset countdown ticks over a whole second."""
+
+    __slots__ = ("headers", "outcome", "reset_s")
+
+    def __init__(self) -> None:
+        self.outcome: QuotaOutcome | None = None
+        self.reset_s = 0
+        self.headers: dict[str, str] = {}
+
+
+_last = _Memo()
+
+
 def ratelimit_headers(outcome: QuotaOutcome, now: float) -> dict[str, str]:
     """Headers for every authenticated response; nothing when the tier has no quota."""
     windows = outcome.windows
     if not windows:
         return {}
     tight = outcome.exhausted or (windows[0] if len(windows) == 1 else _tightest(windows))
-    window = tight.window
     reset = max(tight.reset_at - now, 0.0)
+    reset_s = math.ceil(reset)
+    last = _last
+    if outcome is last.outcome and reset_s == last.reset_s and reset >= 1:
+        return dict(last.headers)
+    window = tight.window
     remaining = str(math.floor(tight.remaining + 1e-9))
-    return {
+    headers = {
         "x-ratelimit-limit-requests": str(math.floor(window.limit)),
         "x-ratelimit-remaining-requests": remaining,
         "x-ratelimit-reset-requests": openai_duration(reset),
         "RateLimit-Policy": _policy_field(windows),
-        "RateLimit": f'"{window_name(window.period)}";r={remaining};t={math.ceil(reset)}',
+        "RateLimit": f'"{window_name(window.period)}";r={remaining};t={reset_s}',
     }
+    last.outcome, last.reset_s, last.headers = outcome, reset_s, headers
+    return dict(headers)

@@ -33,6 +33,7 @@ class Runtime:
         engine: Engine,
         gate: Gate,
         loaded: LoadedPolicy,
+        events: AdmissionEvents | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -49,7 +50,7 @@ class Runtime:
         self._idle.set()
         self.images = ImageFiles(settings.url_ttl)
         self.metrics: Metrics | None = None
-        self.events = AdmissionEvents(lambda: self.metrics)
+        self.events = events if events is not None else AdmissionEvents(lambda: self.metrics)
         self.on_policy_change: Callable[[Policy], None] = lambda policy: None
         self.rejected_sha256: str | None = None  # a bad file is reported once, not every poll
         self.started_at = clock.monotonic()

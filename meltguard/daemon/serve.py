@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from meltguard.admission.policy import Policy
 from meltguard.clock import SystemClock
+from meltguard.daemon.admission_events import AdmissionEvents
 from meltguard.daemon.app import abandon_inflight, create_app
 from meltguard.daemon.logs import configure_logging
 from meltguard.daemon.policy_file import (
@@ -152,12 +153,14 @@ def assemble(
     holder["engine"] = engine
 
     runtime_ref: list[Runtime] = []
+    # The gate calls the event sink itself, not through the runtime: one call per event.
+    events = AdmissionEvents(lambda: runtime_ref[0].metrics if runtime_ref else None)
     try:
-        gate = make_gate(settings.strategy, loaded.policy, store, clock,
-                         on_event=lambda event: runtime_ref[0].on_event(event))
+        gate = make_gate(settings.strategy, loaded.policy, store, clock, on_event=events.on_event)
     except ValueError as exc:
         raise StartupError(f"--strategy {settings.strategy}: {exc}") from None
-    runtime = Runtime(settings, clock=clock, engine=engine, gate=gate, loaded=loaded)
+    runtime = Runtime(settings, clock=clock, engine=engine, gate=gate, loaded=loaded,
+                      events=events)
     runtime_ref.append(runtime)
     holder["runtime"] = runtime
     runtime.telemetry_kind = source.kind
