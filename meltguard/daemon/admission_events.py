@@ -40,8 +40,11 @@ _FoldKey = tuple[str, str, str, str]  # tenant, tier, reason, pressure level
 class AdmissionEvents:
     """The daemon's event sink: `on_event` is what the gate calls."""
 
-    def __init__(self, metrics: Callable[[], Metrics | None]) -> None:
+    def __init__(
+        self, metrics: Callable[[], Metrics | None], *, fold_seconds: float = FOLD_SECONDS
+    ) -> None:
         self._metrics = metrics  # read late: the app attaches its Metrics after the gate exists
+        self._fold_seconds = fold_seconds
         self._pending: list[tuple[contextvars.Context, Event]] = []
         self._pending_loop: asyncio.AbstractEventLoop | None = None
         self._folds: dict[_FoldKey, list[float]] = {}  # key -> [count, total cost]
@@ -149,7 +152,7 @@ class AdmissionEvents:
             return True
         self._folds[key] = [0, 0.0]
         if self._fold_timer is None:
-            self._fold_timer = loop.call_later(FOLD_SECONDS, self._fold_due,
+            self._fold_timer = loop.call_later(self._fold_seconds, self._fold_due,
                                                context=contextvars.Context())
         return False
 

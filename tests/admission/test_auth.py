@@ -172,3 +172,47 @@ def test_admin_key() -> None:
     assert not ring.is_admin("root-secret")
     assert not ring.is_admin(None)
     assert not KeyRing(make_policy()).is_admin("Bearer root-secret")
+
+
+def test_an_accepted_header_is_remembered_and_a_refused_one_never(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ring = KeyRing(make_policy())
+    calls: list[bytes] = []
+    real = auth.hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    for _ in range(3):
+        assert ring.authenticate("Bearer sk-alice", "x") == Caller("alice", "pro", False)
+    assert len(calls) == len(KEYS)  # checked once, then answered from memory
+    for _ in range(2):
+        with pytest.raises(ServiceError):
+            ring.authenticate("Bearer sk-mallory", "x")
+    assert len(calls) == 3 * len(KEYS)  # every refusal is checked in full
+
+
+def test_a_reload_forgets_remembered_keys() -> None:
+    from meltguard.admission.gate import Gate
+    from meltguard.admission.quota_memory import MemoryQuotaStore
+    from meltguard.clock import FakeClock
+
+    gate = Gate(make_policy(anonymous=None), MemoryQuotaStore(), FakeClock(), lambda e: None)
+    assert gate.authenticate("Bearer sk-alice", "x").tenant == "alice"
+    without_alice = {k: v for k, v in KEYS.items() if k != "sk-alice"}
+    gate.set_policy(make_policy(anonymous=None, keys=without_alice))
+    with pytest.raises(ServiceError) as refused:
+        gate.authenticate("Bearer sk-alice", "x")
+    assert refused.value.code == ErrorCode.INVALID_API_KEY
+
+
+def test_remembered_headers_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "REMEMBERED", 5)
+    ring = KeyRing(make_policy(keys=MANY_KEYS))
+    for _ in range(2):
+        for key, (tenant, _tier) in MANY_KEYS.items():
+            assert ring.authenticate(f"Bearer {key}", "x").tenant == tenant
+            assert len(ring._accepted) <= 5

@@ -1,0 +1,53 @@
+"""The rate-limit headers of a quota outcome, and the memo that answers a refused tenant's
+repeated outcome without formatting it again."""
+
+from __future__ import annotations
+
+from meltguard.daemon.ratelimit_headers import openai_duration, ratelimit_headers
+from meltguard.values import QuotaOutcome, QuotaWindow, WindowState
+
+DAY = QuotaWindow("{mg:t}:86400", 3.0, 86_400.0)
+MINUTE = QuotaWindow("{mg:t}:60", 2.0, 60.0)
+
+
+def outcome(day_used: float = 3.0, minute_used: float = 1.0) -> QuotaOutcome:
+    day = WindowState(DAY, day_used, 86_400.0)
+    minute = WindowState(MINUTE, minute_used, 3_600.0 + 60.0)
+    exhausted = day if day_used >= DAY.limit else None
+    return QuotaOutcome(exhausted is None, (day, minute), exhausted=exhausted)
+
+
+def test_headers_name_the_tightest_window() -> None:
+    headers = ratelimit_headers(outcome(day_used=1.0, minute_used=2.0), now=3_600.0)
+    assert headers == {
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1m0s",
+        "RateLimit-Policy": '"day";q=3;w=86400, "minute";q=2;w=60',
+        "RateLimit": '"minute";r=0;t=60',
+    }
+
+
+def test_a_repeated_outcome_gets_equal_headers_in_a_dict_of_its_own() -> None:
+    refused = outcome()
+    first = ratelimit_headers(refused, now=3_600.2)
+    first["x-meltguard-degraded"] = "mutated by a caller"
+    second = ratelimit_headers(refused, now=3_600.7)
+    assert "x-meltguard-degraded" not in second
+    assert second["RateLimit"] == '"day";r=0;t=82800'
+    assert second == {k: v for k, v in first.items() if k != "x-meltguard-degraded"}
+
+
+def test_the_countdown_moves_with_the_clock() -> None:
+    refused = outcome()
+    assert ratelimit_headers(refused, now=3_600.0)["RateLimit"].endswith("t=82800")
+    later = ratelimit_headers(refused, now=3_601.5)
+    assert later["RateLimit"].endswith("t=82799")
+    assert later["x-ratelimit-reset-requests"] == openai_duration(86_400.0 - 3_601.5)
+    # The last second counts in milliseconds, every call afresh.
+    assert ratelimit_headers(refused, now=86_399.5)["x-ratelimit-reset-requests"] == "500ms"
+    assert ratelimit_headers(refused, now=86_399.75)["x-ratelimit-reset-requests"] == "250ms"
+
+
+def test_no_windows_no_headers() -> None:
+    assert ratelimit_headers(QuotaOutcome(True, ()), now=0.0) == {}
