@@ -227,3 +227,30 @@ async def test_anonymous_tier_when_policy_allows(aiohttp_client: Any, build: Any
     resp = await client.post("/v1/images/generations", json={"prompt": "x", "size": "64x64"})
     assert resp.status == 200
     assert "x-ratelimit-remaining-requests" in resp.headers
+
+
+async def test_a_flood_of_refusals_is_answered_in_full_and_logged_folded(
+    aiohttp_client: Any, build: Any
+) -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        client = await _client(aiohttp_client, build,
+                               policy=policy_yaml(free_quotas="[{limit: 1, per: 1d}]"))
+        ok = await client.post("/v1/images/generations", headers=auth("free"),
+                               json={"prompt": "a fox", "size": "64x64"})
+        assert ok.status == 200
+        for _ in range(5):
+            resp = await client.post("/v1/images/generations", headers=auth("free"),
+                                     json={"prompt": "a fox", "size": "64x64"})
+            assert resp.status == 429
+            body = await resp.json()
+            assert body["error"]["code"] == "daily_quota_exceeded"
+            assert resp.headers["x-should-retry"] == "false"
+            assert 1 <= int(resp.headers["Retry-After"]) <= 60
+            assert resp.headers["RateLimit"].startswith('"day";r=0;t=')
+        await client.close()  # the app's cleanup writes the open fold
+    decided = [line for line in logs if line["event"] == "admission.decided"]
+    assert [(line["decision"], line.get("repeated")) for line in decided] == [
+        ("admit", None), ("reject", None), ("reject", 4)]
+    assert sum(1 for line in logs if line["event"] == "http.request") == 6
