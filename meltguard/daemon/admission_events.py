@@ -27,6 +27,7 @@ from collections.abc import Callable
 import structlog
 
 from meltguard.admission.events import Decided, Event, Settled, StoreFailed, Waited
+from meltguard.admission.policy import Level
 from meltguard.daemon.metrics import Metrics
 
 log = structlog.get_logger("meltguard")
@@ -34,7 +35,7 @@ _log = logging.getLogger(__name__)
 
 FOLD_SECONDS = 1.0
 
-_FoldKey = tuple[str, str, str, str]  # tenant, tier, reason, pressure level
+_FoldKey = tuple[str, str, str, Level]  # tenant, tier, reason, pressure level
 
 
 class AdmissionEvents:
@@ -78,11 +79,11 @@ class AdmissionEvents:
 
     @staticmethod
     def _write_folds(folds: dict[_FoldKey, list[float]]) -> None:
-        for (tenant, tier, reason, pressure), (count, cost) in folds.items():
+        for (tenant, tier, reason, level), (count, cost) in folds.items():
             if count:
                 log.bind().info(
                     "admission.decided", tier=tier, tenant=tenant, decision="reject",
-                    reason=reason, pressure=pressure, cost=round(cost, 4), wait_s=0.0,
+                    reason=reason, pressure=level.label, cost=round(cost, 4), wait_s=0.0,
                     degraded=None, repeated=int(count),
                 )
 
@@ -132,7 +133,7 @@ class AdmissionEvents:
         line to write and so nothing worth deferring."""
         if event.decision != "reject":
             return False
-        fold = self._folds.get((event.tenant, event.tier, event.reason, event.level.label))
+        fold = self._folds.get((event.tenant, event.tier, event.reason, event.level))
         if fold is None:
             return False
         metrics = self._metrics()
@@ -144,7 +145,7 @@ class AdmissionEvents:
 
     def _fold(self, event: Decided, loop: asyncio.AbstractEventLoop) -> bool:
         """True when the refusal joins the second's count instead of getting its own line."""
-        key = (event.tenant, event.tier, event.reason, event.level.label)
+        key = (event.tenant, event.tier, event.reason, event.level)
         fold = self._folds.get(key)
         if fold is not None:
             fold[0] += 1

@@ -296,8 +296,9 @@ def _slug(name: str) -> str:
 
 
 def _cases() -> list[Case]:
-    cases = [Case("bare", "/v1/bench/bare", None, True),
-             Case(RAW, "/bare", None, True, server="raw")]
+    # The same request everywhere, the admit key included: only the gate differs.
+    cases = [Case("bare", "/v1/bench/bare", ADMIT_KEY, True),
+             Case(RAW, "/bare", ADMIT_KEY, True, server="raw")]
     for store in (*STORES, SILENT):
         route = f"/v1/bench/{_slug(store)}"
         cases.append(Case(f"{store} admit", f"{route}/admit", ADMIT_KEY, True))
