@@ -71,6 +71,7 @@ from meltguard.daemon.serve import Assembly, assemble
 from meltguard.daemon.settings import Settings
 from meltguard.daemon.stores.bench import redis_server
 from meltguard.daemon.stores.select import open_store
+from meltguard.daemon.stores.sqlite import SqliteQuotaStore
 from meltguard.errors import ServiceError
 from meltguard.protocols import QuotaStore
 from meltguard.values import QuotaOutcome, Size
@@ -401,6 +402,9 @@ async def run(args: argparse.Namespace, work: Path, redis_url: str) -> Results:
             "meltguard_quota_store_errors_total", {"store": stores[name].name})
         return value or 0.0
 
+    sqlite_store = stores["sqlite"]
+    assert isinstance(sqlite_store, SqliteQuotaStore)
+    sqlite_requests = 0
     warmup_errors: dict[str, float] = {}
     try:
         async with serving(app) as daemon_base, serving(raw) as raw_base:
@@ -415,15 +419,23 @@ async def run(args: argparse.Namespace, work: Path, redis_url: str) -> Results:
             if args.profile:
                 await _profile(args.profile, cases, measure, args.seconds)
             results.warm = await warm_costs(gates["memory"])
+            transactions_before = sqlite_store.transactions
             for round_index in range(args.rounds):
                 shift = round_index % len(cases)
                 for case in cases[shift:] + cases[:shift]:
                     load = await measure(case, args.seconds)
                     results.rates[case.name].append(load.rate)
                     results.bad[case.name] += load.bad
+                    if case.name.startswith("sqlite"):
+                        sqlite_requests += load.requests
                 print(f"round {round_index + 1}/{args.rounds}: "
                       + ", ".join(f"{c.name} {results.rates[c.name][-1]:,.0f}/s" for c in cases),
                       file=sys.stderr)
+            if sqlite_requests:
+                spent = sqlite_store.transactions - transactions_before
+                results.transactions["sqlite"] = (
+                    f"{spent:,} for {sqlite_requests:,} requests "
+                    f"({spent / sqlite_requests:.2f} per request)")
     finally:
         for name in STORES:
             results.store_errors[name] = store_errors(name) - warmup_errors.get(name, 0.0)
@@ -522,15 +534,15 @@ def report(results: Results) -> str:
     for case, baseline in EXTRA_RATIOS:
         lines.append(f"| {case} / {baseline} | {results.ratio(case, baseline):.2f}x | | | |")
     errors = ", ".join(f"{k} {v:g}" for k, v in results.store_errors.items())
-    transactions = ", ".join(f"{k} {v}" for k, v in results.transactions.items())
+    transactions = ", ".join(results.transactions.values())
 
     bare, raw = us("bare"), us(RAW)
     budget_admit, budget_reject = bare / 0.7 - bare, bare / 0.8 - bare
     lines += [
         "",
         f"Quota store errors during the timed rounds (each one a fail-open admission): "
-        f"{errors}." + (f" SQLite transactions per request: {transactions}."
-                        if transactions else ""),
+        f"{errors}." + (f" SQLite transactions in the timed rounds: {transactions} (refusals "
+                        "answered from the gate's memory need none)." if transactions else ""),
         "",
         "## Where the time goes",
         "",
@@ -585,7 +597,11 @@ def report(results: Results) -> str:
         "5. The memory store charges in one pass, called without a coroutine; error and "
         "rate-limit headers are built in one dict, and a repeated outcome's rate-limit "
         "headers are reused within the second; the event sink is wired straight to the gate.",
-        "6. SQLite: group commit (see `daemon/stores/sqlite.py`).",
+        "6. SQLite: group commit. Each call used to hop to the store's thread on its own, in "
+        "a transaction of its own; now the calls of one event-loop turn go to the thread as "
+        "one batch, run in one `BEGIN IMMEDIATE ... COMMIT`, and come back with one wake-up "
+        "of the loop (see `daemon/stores/sqlite.py`). Before it, an admission cost 3.7x the "
+        "memory store's on this box.",
         "",
         "## What is left",
         "",
