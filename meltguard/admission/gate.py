@@ -117,9 +117,10 @@ def quota_windows(tenant: str, eff: EffectiveTier) -> tuple[QuotaWindow, ...]:
 @dataclass(frozen=True, slots=True)
 class _Refusal:
     """A tenant's last quota refusal: the same cost is refused again, in the same words,
-    until `until` (the wall clock), as long as the tenant's windows are the same object (same
-    policy, tier and level)."""
+    until `until` (the wall clock), as long as the tier's effective rules are the same object
+    (same policy, tier and level)."""
 
+    eff: EffectiveTier
     windows: tuple[QuotaWindow, ...]
     ask: ImageAsk  # as the client sent it: the same ask again skips validation too
     cost: float
@@ -130,10 +131,10 @@ class _Refusal:
 
     def again(self, now: float) -> ServiceError:
         first = self.error
-        return ServiceError(
-            first.code, first.message, retry_after=clamp_retry(self.reset_at - now),
-            should_retry=first.should_retry, quota=first.quota,
-        )
+        # clamp_retry, inlined: the reset is in the future, so never NaN.
+        wait = min(max(self.reset_at - now, RETRY_AFTER_MIN), RETRY_AFTER_MAX)
+        return ServiceError(first.code, first.message, retry_after=wait,
+                            should_retry=first.should_retry, quota=first.quota)
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,7 +375,7 @@ class Gate:
         if refused is not None and refused.ask == ask and not shadow:
             # A client retrying the same request in a loop after its quota ran out.
             now = self._clock.wall()
-            if refused.windows is self._windows(tenant, eff, level) and now < refused.until:
+            if refused.eff is eff and now < refused.until:
                 return self._refused(caller, level, refused.again(now), refused.cost,
                                      refused.changes)
 
@@ -435,8 +436,8 @@ class Gate:
                     err, reset_at = self._quota_error(quota, now, eff, cost)
                     if not shadow:
                         self._remember_refusal(tenant, _Refusal(
-                            windows, ask, cost, changes, min(now + REFUSAL_MEMORY, reset_at),
-                            reset_at, err))
+                            eff, windows, ask, cost, changes,
+                            min(now + REFUSAL_MEMORY, reset_at), reset_at, err))
                         return self._refused(caller, level, err, cost, changes)
                     would = would or err
 

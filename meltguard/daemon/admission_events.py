@@ -28,7 +28,7 @@ import structlog
 
 from meltguard.admission.events import Decided, Event, Settled, StoreFailed, Waited
 from meltguard.admission.policy import Level
-from meltguard.daemon.metrics import Metrics
+from meltguard.daemon.metrics import CounterChild, Metrics
 
 log = structlog.get_logger("meltguard")
 _log = logging.getLogger(__name__)
@@ -36,6 +36,18 @@ _log = logging.getLogger(__name__)
 FOLD_SECONDS = 1.0
 
 _FoldKey = tuple[str, str, str, Level]  # tenant, tier, reason, pressure level
+
+
+class _Fold:
+    """Refusals folded into one line: how many, their total cost, and the counter each one
+    still increments at once."""
+
+    __slots__ = ("cost", "count", "counter")
+
+    def __init__(self, counter: CounterChild | None) -> None:
+        self.count = 0
+        self.cost = 0.0
+        self.counter = counter
 
 
 class AdmissionEvents:
@@ -48,7 +60,7 @@ class AdmissionEvents:
         self._fold_seconds = fold_seconds
         self._pending: list[tuple[contextvars.Context, Event]] = []
         self._pending_loop: asyncio.AbstractEventLoop | None = None
-        self._folds: dict[_FoldKey, list[float]] = {}  # key -> [count, total cost]
+        self._folds: dict[_FoldKey, _Fold] = {}  # key -> [count, total cost]
         self._fold_timer: asyncio.TimerHandle | None = None
 
     def on_event(self, event: Event) -> None:
@@ -78,13 +90,13 @@ class AdmissionEvents:
         contextvars.Context().run(self._write_folds, folds)
 
     @staticmethod
-    def _write_folds(folds: dict[_FoldKey, list[float]]) -> None:
-        for (tenant, tier, reason, level), (count, cost) in folds.items():
-            if count:
+    def _write_folds(folds: dict[_FoldKey, _Fold]) -> None:
+        for (tenant, tier, reason, level), fold in folds.items():
+            if fold.count:
                 log.bind().info(
                     "admission.decided", tier=tier, tenant=tenant, decision="reject",
-                    reason=reason, pressure=level.label, cost=round(cost, 4), wait_s=0.0,
-                    degraded=None, repeated=int(count),
+                    reason=reason, pressure=level.label, cost=round(fold.cost, 4), wait_s=0.0,
+                    degraded=None, repeated=fold.count,
                 )
 
     def _apply_pending(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -136,11 +148,10 @@ class AdmissionEvents:
         fold = self._folds.get((event.tenant, event.tier, event.reason, event.level))
         if fold is None:
             return False
-        metrics = self._metrics()
-        if metrics is not None:
-            metrics.decided(event.tier, event.decision, event.reason)
-        fold[0] += 1
-        fold[1] += event.cost
+        fold.count += 1
+        fold.cost += event.cost
+        if fold.counter is not None:
+            fold.counter.inc()
         return True
 
     def _fold(self, event: Decided, loop: asyncio.AbstractEventLoop) -> bool:
@@ -148,10 +159,13 @@ class AdmissionEvents:
         key = (event.tenant, event.tier, event.reason, event.level)
         fold = self._folds.get(key)
         if fold is not None:
-            fold[0] += 1
-            fold[1] += event.cost
+            fold.count += 1
+            fold.cost += event.cost
             return True
-        self._folds[key] = [0, 0.0]
+        metrics = self._metrics()
+        self._folds[key] = _Fold(
+            metrics.decision_counter(event.tier, event.decision, event.reason)
+            if metrics is not None else None)
         if self._fold_timer is None:
             self._fold_timer = loop.call_later(self._fold_seconds, self._fold_due,
                                                context=contextvars.Context())
