@@ -124,10 +124,10 @@ class _Refusal:
     windows: tuple[QuotaWindow, ...]
     ask: ImageAsk  # as the client sent it: the same ask again skips validation too
     cost: float
-    changes: tuple[str, ...]
     until: float
     reset_at: float  # when the binding window resets: Retry-After counts down to it
     error: ServiceError
+    decided: Decided  # an event is a value: the same refusal reports the same one again
 
     def again(self, now: float) -> ServiceError:
         first = self.error
@@ -376,8 +376,8 @@ class Gate:
             # A client retrying the same request in a loop after its quota ran out.
             now = self._clock.wall()
             if refused.eff is eff and now < refused.until:
-                return self._refused(caller, level, refused.again(now), refused.cost,
-                                     refused.changes)
+                self._emit(refused.decided)
+                return refused.again(now)
 
         try:
             asked = validate(
@@ -435,10 +435,13 @@ class Gate:
                 else:
                     err, reset_at = self._quota_error(quota, now, eff, cost)
                     if not shadow:
+                        decided = Decided(tier, tenant, "reject", err.code.value, level, cost,
+                                          0.0, changes)
                         self._remember_refusal(tenant, _Refusal(
-                            eff, windows, ask, cost, changes,
-                            min(now + REFUSAL_MEMORY, reset_at), reset_at, err))
-                        return self._refused(caller, level, err, cost, changes)
+                            eff, windows, ask, cost, min(now + REFUSAL_MEMORY, reset_at),
+                            reset_at, err, decided))
+                        self._emit(decided)
+                        return err
                     would = would or err
 
         scheduler = self._scheduler

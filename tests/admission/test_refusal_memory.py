@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import pytest
 
 from meltguard.admission.cost import ImageAsk
+from meltguard.admission.events import Decided, Event
 from meltguard.admission.gate import REFUSAL_MEMORY, Gate, Permit
 from meltguard.admission.policy import Level, Policy
 from meltguard.admission.quota_memory import MemoryQuotaStore
@@ -192,3 +193,16 @@ async def test_other_tenants_are_not_answered_from_one_tenants_refusal(
     assert store.consumes == asked + 1
     assert isinstance(permit, Permit)
     permit.settle("success", seconds=1.0)
+
+
+async def test_every_refusal_from_memory_still_reports_its_decision(clock: FakeClock) -> None:
+    events: list[Event] = []
+    gate = Gate(make_policy(), CountingStore(), clock, events.append, random.Random(7),
+                call_later=NoTimers())
+    await use_up_free_minute(gate)
+    for _ in range(3):
+        assert isinstance(await gate.decide(FREE, ONE), ServiceError)
+    refusals = [e for e in events if isinstance(e, Decided) and e.decision == "reject"]
+    assert len(refusals) == 3
+    assert set(refusals) == {
+        Decided("free", "fiona", "reject", "rate_limit_exceeded", Level.NORMAL, 1.0, 0.0)}
