@@ -68,7 +68,7 @@ from meltguard.admission.events import (
 )
 from meltguard.admission.policy import EffectiveTier, Level, Policy
 from meltguard.admission.quota_memory import MemoryQuotaStore
-from meltguard.admission.scheduler import CallLater, QueueTimeout, Scheduler, Slot
+from meltguard.admission.scheduler import CallLater, QueueTimeout, Scheduler, Shed, Slot
 from meltguard.errors import ErrorCode, ServiceError
 from meltguard.protocols import Clock, QuotaStore
 from meltguard.values import GenerationJob, QuotaOutcome, QuotaWindow, WindowState
@@ -279,7 +279,8 @@ class Gate:
 
     def set_policy(self, policy: Policy) -> None:
         """Live reload. Quota counts live in the store, and queued waiters and in-flight
-        permits stay where they are; new limits apply to decisions made from now on."""
+        permits stay where they are; new limits apply to decisions made from now on, except
+        that waiters of a tier the new policy sheds at the current level are shed."""
         self._policy = policy
         self._keyring = KeyRing(policy)
         self._effective_cache = {}
@@ -288,13 +289,28 @@ class Gate:
         self._refusals = {}
         self._reference_note = _reference_note(policy)
         self._scheduler.set_policy(policy)
+        self._shed_queued()
 
     def set_pressure(self, level: Level, cooling_eta: float) -> None:
+        """The pressure level and the estimated time to cool below it. A tier the new level
+        sheds is shed in the queue too: a request admitted before the GPU got hot would
+        otherwise still run on it (and its quota is refunded)."""
+        changed = level != self._level
         self._level = level
         self._cooling_eta = max(cooling_eta, 0.0) if math.isfinite(cooling_eta) else (
             RETRY_AFTER_MAX
         )
         self._scheduler.set_level(level)
+        if changed:
+            self._shed_queued()
+
+    def _shed_queued(self) -> None:
+        policy = self._policy
+        if policy.mode == "shadow":
+            return
+        for tier in policy.tiers:
+            if policy.effective(tier, self._level).reject:
+                self._scheduler.shed(tier)
 
     @property
     def store_name(self) -> str:
@@ -509,6 +525,18 @@ class Gate:
             return await self._scheduler.acquire(
                 tier, caller.tenant, cost, None if shadow else eff.max_queue_wait
             )
+        except Shed as exc:
+            self._emit(Waited(tier, exc.waited))
+            await self._refund_now(caller.tenant, windows, charged, charged_at)
+            now_level = self._level
+            return self._refused(caller, now_level, ServiceError(
+                ErrorCode.SERVER_OVERLOADED,
+                f"The server is overloaded (GPU pressure: {now_level.label}) and stopped "
+                f"taking {tier}-tier requests while this one waited in the queue; nothing "
+                "was charged.",
+                retry_after=clamp_retry(self._scheduler.drain_estimate() + self._cooling_eta),
+                status=self._policy.overload_status,
+            ), cost, changes)
         except QueueTimeout as exc:
             self._emit(Waited(tier, exc.waited))
             await self._refund_now(caller.tenant, windows, charged, charged_at)

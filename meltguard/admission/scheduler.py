@@ -57,6 +57,15 @@ class QueueTimeout(Exception):
         self.waited = waited
 
 
+class Shed(Exception):
+    """The waiter's tier stopped being served (its tier is shed at the new pressure level)
+    while it waited."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(f"shed after {waited:.3f} s in the queue")
+        self.waited = waited
+
+
 @dataclass(frozen=True, slots=True)
 class TierRule:
     priority: int
@@ -345,6 +354,22 @@ class Scheduler:
             raise
         assert waiter.slot is not None
         return waiter.slot
+
+    def shed(self, tier: str) -> int:
+        """Turn away everyone waiting in `tier` (each waiter raises Shed); returns how many."""
+        tenants = self._queues.get(tier)
+        if not tenants:
+            return 0
+        now = self._clock.monotonic()
+        waiters = [w for queue in tenants.values() for w in queue if w.state == _QUEUED]
+        for waiter in waiters:
+            self._unqueue(waiter)
+            waiter.state = _EXPIRED  # like a timeout: the future holds the reason
+            if not waiter.future.done():
+                waiter.future.set_exception(Shed(now - waiter.enqueued_at))
+        # Another tier's waiter may have stood behind this tier's turn for a tenant cap.
+        self._dispatch()
+        return len(waiters)
 
     def expire_due(self) -> int:
         """Time out every waiter whose deadline has passed on the clock; returns how many."""
