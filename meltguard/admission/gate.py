@@ -67,7 +67,6 @@ from meltguard.admission.events import (
     Waited,
 )
 from meltguard.admission.policy import EffectiveTier, Level, Policy
-from meltguard.admission.quota_memory import MemoryQuotaStore
 from meltguard.admission.scheduler import CallLater, QueueTimeout, Scheduler, Shed, Slot
 from meltguard.errors import ErrorCode, ServiceError
 from meltguard.protocols import Clock, QuotaStore
@@ -121,7 +120,6 @@ class _Refusal:
     (same policy, tier and level)."""
 
     eff: EffectiveTier
-    windows: tuple[QuotaWindow, ...]
     ask: ImageAsk  # as the client sent it: the same ask again skips validation too
     cost: float
     until: float
@@ -244,9 +242,6 @@ class Gate:
         self._policy = policy
         self._keyring = KeyRing(policy)
         self._store = store
-        # An in-process store answers without a suspension point: called directly, it costs no
-        # coroutine per decision.
-        self._consume_now = store.consume_now if isinstance(store, MemoryQuotaStore) else None
         self._clock = clock
         self._on_event = on_event
         self._rng = rng if rng is not None else random.Random()
@@ -425,16 +420,12 @@ class Gate:
         charged, charged_at, fail_open = 0.0, 0.0, False
         if windows:
             now = self._clock.wall()
-            if (refused is not None and refused.windows is windows
-                    and refused.cost == cost and now < refused.until and not shadow):
+            if (refused is not None and refused.eff is eff and refused.cost == cost
+                    and now < refused.until and not shadow):
                 # The same cost as a refusal a moment ago: answered without the store.
                 return self._refused(caller, level, refused.again(now), cost, changes)
-            consume_now = self._consume_now
             try:
-                if consume_now is not None:
-                    quota = consume_now(windows, cost, now)
-                else:
-                    quota = await self._store.consume(windows, cost, now)
+                quota = await self._store.consume(windows, cost, now)
             except Exception as exc:  # any store failure: network, timeout, corruption, bug
                 self._store_failed(exc)
                 quota = None
@@ -454,7 +445,7 @@ class Gate:
                         decided = Decided(tier, tenant, "reject", err.code.value, level, cost,
                                           0.0, changes)
                         self._remember_refusal(tenant, _Refusal(
-                            eff, windows, ask, cost, min(now + REFUSAL_MEMORY, reset_at),
+                            eff, ask, cost, min(now + REFUSAL_MEMORY, reset_at),
                             reset_at, err, decided))
                         self._emit(decided)
                         return err

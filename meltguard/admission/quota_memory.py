@@ -28,10 +28,6 @@ class MemoryQuotaStore:
     async def consume(
         self, windows: Sequence[QuotaWindow], cost: float, now: float
     ) -> QuotaOutcome:
-        return self.consume_now(windows, cost, now)
-
-    def consume_now(self, windows: Sequence[QuotaWindow], cost: float, now: float) -> QuotaOutcome:
-        """`consume` without a suspension point, for a caller on the hot path."""
         used_by_slot = self._used
         # One pass computes each window's slot, usage and reset once.
         looked: list[tuple[QuotaWindow, tuple[str, int], float, float]] = []

@@ -112,10 +112,12 @@ class AdmissionEvents:
     def _apply(self, event: Event, loop: asyncio.AbstractEventLoop | None) -> None:
         metrics = self._metrics()
         if isinstance(event, Decided):
+            if self._fold_now(event):
+                return
             if metrics is not None:
                 metrics.decided(event.tier, event.decision, event.reason)
-            if event.decision == "reject" and loop is not None and self._fold(event, loop):
-                return
+            if event.decision == "reject" and loop is not None:
+                self._open_fold(event, loop, metrics)
             # bind() hands back the cached logger once logging is configured, without the
             # proxy's per-call attribute lookup: this line is written for every request.
             log.bind().info(
@@ -141,8 +143,8 @@ class AdmissionEvents:
             log.error("quota_store.failed", store=event.store, error=event.error)
 
     def _fold_now(self, event: Decided) -> bool:
-        """A refusal joining a fold that is already open: counted at once, since it has no
-        line to write and so nothing worth deferring."""
+        """True when the refusal joins an open fold: counted, with no line of its own (so
+        `on_event` need not defer it either)."""
         if event.decision != "reject":
             return False
         fold = self._folds.get((event.tenant, event.tier, event.reason, event.level))
@@ -154,22 +156,17 @@ class AdmissionEvents:
             fold.counter.inc()
         return True
 
-    def _fold(self, event: Decided, loop: asyncio.AbstractEventLoop) -> bool:
-        """True when the refusal joins the second's count instead of getting its own line."""
+    def _open_fold(
+        self, event: Decided, loop: asyncio.AbstractEventLoop, metrics: Metrics | None
+    ) -> None:
+        """This refusal gets its own line; the same ones in the next second join its fold."""
         key = (event.tenant, event.tier, event.reason, event.level)
-        fold = self._folds.get(key)
-        if fold is not None:
-            fold.count += 1
-            fold.cost += event.cost
-            return True
-        metrics = self._metrics()
         self._folds[key] = _Fold(
             metrics.decision_counter(event.tier, event.decision, event.reason)
             if metrics is not None else None)
         if self._fold_timer is None:
             self._fold_timer = loop.call_later(self._fold_seconds, self._fold_due,
                                                context=contextvars.Context())
-        return False
 
     def _fold_due(self) -> None:
         self._fold_timer = None
