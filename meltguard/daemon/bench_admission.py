@@ -581,7 +581,7 @@ def report(results: Results) -> str:
         "line still records every request).",
         "4. An accepted Authorization header is remembered by the key ring (bounded, one per "
         "policy version); refused ones are checked in full every time.",
-        "5. The memory store charges in one pass, called without a coroutine; error and "
+        "5. The memory store charges in one pass; error and "
         "rate-limit headers are built in one dict, and a repeated outcome's rate-limit "
         "headers are reused within the second; the event sink is wired straight to the gate.",
         "6. SQLite: group commit. Each call used to hop to the store's thread on its own, in "
