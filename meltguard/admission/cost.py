@@ -45,7 +45,7 @@ def validate(ask: ImageAsk, policy: Policy, *, default_seed: int | None = None) 
     from its injected rng so runs are reproducible in tests)."""
     limits = policy.limits
     prompt = ask.prompt
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str) or not prompt or prompt.isspace():
         raise invalid("prompt", "prompt is required and must be a non-empty string.")
     if len(prompt) > limits.max_prompt_chars:
         raise invalid(

@@ -11,8 +11,11 @@ Exactly one `Decided` is emitted per `Gate.admit` call that reaches a decision, 
 - `would_reject` / `would_degrade`: shadow mode; admitted unchanged, `reason` is what
   enforcement would have answered (`ok` for a would-be degradation).
 `reason` is `ok` for admissions, `fail_open` when the quota store failed and the policy says
-to admit anyway. A client that leaves while queued reaches no decision: it shows up as
-`Waited` plus `Settled(outcome="ignored")`.
+to admit anyway. Every admission (any decision but `reject`) passed the queue, and its
+`wait_s` is its stay there, zero when a slot was free. A stay in the queue that ends without
+an admission is a `Waited`: a queue timeout or a shed waiter (each followed by its `reject`),
+or a client that left while queued, which reaches no decision and shows up as `Waited` plus
+`Settled(outcome="ignored")`.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class Decided:
 
 @dataclass(frozen=True, slots=True)
 class Waited:
-    """Every stay in the queue, including zero-length ones, timeouts and abandoned waits."""
+    """A stay in the queue that ended without an admission: timed out, shed, or abandoned.
+    (An admission's stay is its Decided's wait_s.)"""
 
     tier: str
     seconds: float

@@ -256,6 +256,7 @@ class Gate:
         self._windows_cache: dict[tuple[str, str, Level], tuple[QuotaWindow, ...]] = {}
         self._quota_heads: dict[tuple[str, float, Level, float, float], str] = {}
         self._refusals: dict[str, _Refusal] = {}
+        self._settled: dict[tuple[str, Outcome], Settled] = {}
         self._reference_note = _reference_note(policy)
 
     # -- configuration and readings ------------------------------------------------------------
@@ -475,8 +476,7 @@ class Gate:
             if isinstance(queued, ServiceError):
                 return queued
             slot = queued
-        waited = slot.waited
-        self._emit(Waited(tier, waited))
+        waited = slot.waited  # reported in the Decided below, as every admission's wait is
         if shadow and would is None and waited > eff.max_queue_wait:
             would = ServiceError(ErrorCode.QUEUE_TIMEOUT, "would have timed out in the queue")
 
@@ -680,7 +680,14 @@ class Gate:
         refunded = 0.0 if outcome == "success" else permit.charged
         if refunded:
             self._spawn_refund(permit.tenant, permit._windows, refunded, permit.charged_at)
-        self._emit(Settled(permit.tier, outcome, refunded))
+            self._emit(Settled(permit.tier, outcome, refunded))
+            return
+        # An event is a value: every refund-free settle of a tier reports the same one.
+        tier = permit.tier
+        settled = self._settled.get((tier, outcome))
+        if settled is None:
+            settled = self._settled[(tier, outcome)] = Settled(tier, outcome, 0.0)
+        self._emit(settled)
 
     def _emit(self, event: Event) -> None:
         # A broken metrics or log hook must never cost a slot or a refund.

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from meltguard.admission.auth import Caller
 from meltguard.admission.gate import Permit
+from meltguard.daemon.admission_events import RequestLine, open_request_line
 from meltguard.daemon.errors import error_response, from_http_exception
 from meltguard.daemon.image_request import parse_image_request
 from meltguard.daemon.metrics import Metrics
@@ -100,7 +101,6 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await runtime.gate.drain()
-    runtime.events.flush()  # the last second's folded refusals
     await runtime.engine.close()
 
 
@@ -129,6 +129,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    line = open_request_line()
     started = time.perf_counter()
     task = asyncio.current_task()
     if task is not None:
@@ -146,7 +147,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             response.headers["Allow"] = exc.headers["Allow"]
     except asyncio.CancelledError:
         if not (inflight.abandoned and _peer_connected(request)):
-            _account(request, runtime, 499, started)
+            _account(request, runtime, line, 499, started)
             raise
         # The drain deadline passed with this request unfinished; the client is still there,
         # so it gets an answer it can retry on rather than a reset connection. Its permit
@@ -170,7 +171,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         # Part of the body is still unread, so the connection is out of step: close it
         # after this answer instead of parsing the rest of the body as the next request.
         response.force_close()
-    _account(request, runtime, response.status, started)
+    _account(request, runtime, line, response.status, started)
     return response
 
 
@@ -190,14 +191,16 @@ def abandon_inflight(app: web.Application) -> int:
     return len(tasks)
 
 
-def _account(request: web.Request, runtime: Runtime, status: int, started: float) -> None:
+def _account(
+    request: web.Request, runtime: Runtime, line: RequestLine, status: int, started: float
+) -> None:
     caller = request.get(CALLER)
     tier = caller.tier if caller else "none"
-    if runtime.metrics is not None and request.path.startswith("/v1/"):
+    path = request.path
+    if runtime.metrics is not None and path.startswith("/v1/"):
         runtime.metrics.request_done(tier, status)
-    # bind() hands back the cached logger once logging is configured: one line per request.
-    log.bind().info("http.request", method=request.method, path=request.path, status=status,
-                    tier=tier, ms=round((time.perf_counter() - started) * 1000, 2))
+    line.write(request.method, path, status, tier,
+               round((time.perf_counter() - started) * 1000, 2))
 
 
 async def refusal_response(request: web.Request, exc: ServiceError) -> web.Response:

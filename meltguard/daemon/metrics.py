@@ -12,8 +12,6 @@ from prometheus_client.registry import Collector
 
 from meltguard.daemon.catalog import BY_NAME, PREFIX, MetricSpec
 
-CounterChild = Counter  # what Counter.labels() hands back: one labelled series
-
 
 def _spec(name: str) -> MetricSpec:
     return BY_NAME[PREFIX + name]
@@ -96,14 +94,11 @@ class Metrics:
         self._waits: dict[str, Histogram] = {}
 
     def decided(self, tier: str, decision: str, reason: str) -> None:
-        self.decision_counter(tier, decision, reason).inc()
-
-    def decision_counter(self, tier: str, decision: str, reason: str) -> CounterChild:
         key = (tier, decision, reason)
         child = self._decided.get(key)
         if child is None:
             child = self._decided[key] = self.decisions.labels(tier, decision, reason)
-        return child
+        child.inc()
 
     def request_done(self, tier: str, status: int) -> None:
         key = (tier, status)

@@ -59,19 +59,26 @@ def _policy_field(windows: tuple[WindowState, ...]) -> str:
 
 
 class _Memo:
-    """The last outcome answered and its headers: a tenant refused again and again gets the
-    same quota outcome back (see the gate's refusal memory), and its headers change only when
-    the reset countdown ticks over a whole second."""
+    """The last headers answered, for the outcome they were built from. Within one whole
+    second of the reset countdown, a repeated outcome (a tenant refused again and again: see
+    the gate's refusal memory) gets the same headers, and another outcome over the same
+    windows (a tenant admitted again and again) differs only in what remains."""
 
-    __slots__ = ("headers", "outcome", "reset_s")
+    __slots__ = ("headers", "outcome", "reset_s", "tight")
 
     def __init__(self) -> None:
         self.outcome: QuotaOutcome | None = None
-        self.reset_s = 0
+        self.tight: QuotaWindow | None = None
+        self.reset_s = -1
         self.headers: dict[str, str] = {}
 
 
 _last = _Memo()
+
+
+def _same_windows(a: tuple[WindowState, ...], b: tuple[WindowState, ...]) -> bool:
+    return len(a) == len(b) and all(
+        one.window is other.window for one, other in zip(a, b, strict=True))
 
 
 def ratelimit_headers(outcome: QuotaOutcome, now: float) -> dict[str, str]:
@@ -80,13 +87,22 @@ def ratelimit_headers(outcome: QuotaOutcome, now: float) -> dict[str, str]:
     if not windows:
         return {}
     tight = outcome.exhausted or (windows[0] if len(windows) == 1 else _tightest(windows))
+    window = tight.window
     reset = max(tight.reset_at - now, 0.0)
     reset_s = math.ceil(reset)
-    last = _last
-    if outcome is last.outcome and reset_s == last.reset_s and reset >= 1:
-        return dict(last.headers)
-    window = tight.window
     remaining = str(math.floor(tight.remaining + 1e-9))
+    last = _last
+    # Below one second the reset is counted in milliseconds, a new value every call.
+    if reset >= 1 and reset_s == last.reset_s and window is last.tight:
+        previous = last.outcome
+        if outcome is previous:
+            return dict(last.headers)
+        if previous is not None and _same_windows(windows, previous.windows):
+            headers = dict(last.headers)
+            headers["x-ratelimit-remaining-requests"] = remaining
+            headers["RateLimit"] = f'"{window_name(window.period)}";r={remaining};t={reset_s}'
+            last.outcome, last.headers = outcome, headers
+            return dict(headers)
     headers = {
         "x-ratelimit-limit-requests": str(math.floor(window.limit)),
         "x-ratelimit-remaining-requests": remaining,
@@ -94,5 +110,5 @@ def ratelimit_headers(outcome: QuotaOutcome, now: float) -> dict[str, str]:
         "RateLimit-Policy": _policy_field(windows),
         "RateLimit": f'"{window_name(window.period)}";r={remaining};t={reset_s}',
     }
-    last.outcome, last.reset_s, last.headers = outcome, reset_s, headers
+    last.outcome, last.tight, last.reset_s, last.headers = outcome, window, reset_s, headers
     return dict(headers)

@@ -295,7 +295,6 @@ class BaselineGate(Gate):
             self._emit(Settled(tier, "ignored", 0.0))
             raise
         waited = clock.monotonic() - entered
-        self._emit(Waited(tier, waited))
         self._decided(caller, "queue" if waited > 0 else "admit", "ok", level, cost, waited)
         # Permit wants a scheduler Slot; this one is never released (see _settle), it only
         # carries the bookkeeping fields the permit exposes.

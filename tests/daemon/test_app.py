@@ -229,7 +229,7 @@ async def test_anonymous_tier_when_policy_allows(aiohttp_client: Any, build: Any
     assert "x-ratelimit-remaining-requests" in resp.headers
 
 
-async def test_a_flood_of_refusals_is_answered_in_full_and_logged_folded(
+async def test_a_flood_of_refusals_is_answered_in_full_with_one_line_per_request(
     aiohttp_client: Any, build: Any
 ) -> None:
     from structlog.testing import capture_logs
@@ -249,8 +249,10 @@ async def test_a_flood_of_refusals_is_answered_in_full_and_logged_folded(
             assert resp.headers["x-should-retry"] == "false"
             assert 1 <= int(resp.headers["Retry-After"]) <= 60
             assert resp.headers["RateLimit"].startswith('"day";r=0;t=')
-        await client.close()  # the app's cleanup writes the open fold
+        await client.close()
+    # One line per request: the decision and the answer together.
     decided = [line for line in logs if line["event"] == "admission.decided"]
-    assert [(line["decision"], line.get("repeated")) for line in decided] == [
-        ("admit", None), ("reject", None), ("reject", 4)]
-    assert sum(1 for line in logs if line["event"] == "http.request") == 6
+    assert [(line["decision"], line["status"]) for line in decided] == [
+        ("admit", 200)] + [("reject", 429)] * 5
+    assert all(line["reason"] == "daily_quota_exceeded" for line in decided[1:])
+    assert not any(line["event"] == "http.request" for line in logs)

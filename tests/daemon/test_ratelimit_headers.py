@@ -51,3 +51,28 @@ def test_the_countdown_moves_with_the_clock() -> None:
 
 def test_no_windows_no_headers() -> None:
     assert ratelimit_headers(QuotaOutcome(True, ()), now=0.0) == {}
+
+
+def test_another_outcome_over_the_same_windows_counts_down_what_remains() -> None:
+    # A tenant admitted again and again: same windows, usage one higher each time.
+    first = ratelimit_headers(outcome(day_used=0.0, minute_used=0.0), now=3_600.2)
+    second = ratelimit_headers(outcome(day_used=1.0, minute_used=1.0), now=3_600.4)
+    assert first["x-ratelimit-remaining-requests"] == "2" and first["RateLimit"].startswith(
+        '"minute";r=2;')
+    assert second == {
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "1m0s",
+        "RateLimit-Policy": '"day";q=3;w=86400, "minute";q=2;w=60',
+        "RateLimit": '"minute";r=1;t=60',
+    }
+    # Another set of windows is formatted afresh.
+    other = QuotaWindow("{mg:u}:60", 5.0, 60.0)
+    alone = QuotaOutcome(True, (WindowState(other, 1.0, 3_660.0),))
+    assert ratelimit_headers(alone, now=3_600.4) == {
+        "x-ratelimit-limit-requests": "5",
+        "x-ratelimit-remaining-requests": "4",
+        "x-ratelimit-reset-requests": "1m0s",
+        "RateLimit-Policy": '"minute";q=5;w=60',
+        "RateLimit": '"minute";r=4;t=60',
+    }

@@ -1,5 +1,6 @@
-"""Admission events become metrics and log lines at the end of the event-loop turn, in the
-context they were emitted in."""
+"""Admission events become metrics and log lines: a decision joins the line of the request it
+was made for; other events are applied at the end of the event-loop turn, in the context they
+were emitted in."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from structlog.testing import capture_logs
 
 from meltguard.admission.events import Decided, Settled, Waited
 from meltguard.admission.policy import Level
-from meltguard.daemon.admission_events import AdmissionEvents
+from meltguard.daemon.admission_events import RequestLine, open_request_line
 from tests.daemon.conftest import BuildApp
 
 DECIDED = Decided("pro", "pro-tenant", "admit", "ok", Level.NORMAL, 1.0, 0.0)
@@ -102,62 +103,75 @@ def _rejections(runtime: Any, reason: str = "daily_quota_exceeded") -> float:
     return value or 0.0
 
 
-async def test_repeated_refusals_fold_into_one_line_and_every_one_is_counted(
-    build: BuildApp,
-) -> None:
-    runtime = build().runtime
-    structlog.contextvars.bind_contextvars(request_id="req-first")
-    try:
-        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
-            runtime.on_event(_refusal())
-            await asyncio.sleep(0)
-            structlog.contextvars.bind_contextvars(request_id="req-later")
-            for _ in range(4):
-                runtime.on_event(_refusal())
-            await asyncio.sleep(0)
-            assert len(logs) == 1 and "repeated" not in logs[0]
-            runtime.events.flush()
-    finally:
-        structlog.contextvars.clear_contextvars()
-    first, summary = logs
-    assert first["request_id"] == "req-first" and first["tenant"] == "flooder"
-    assert summary["event"] == "admission.decided" and summary["repeated"] == 4
-    assert summary["cost"] == 4.0 and summary["reason"] == "daily_quota_exceeded"
-    # The summary speaks for many requests, so it names none of them.
-    assert "request_id" not in summary
-    assert _rejections(runtime) == 5.0
+async def _in_request(line_events: list[Decided], runtime: Any) -> RequestLine:
+    """What the edge does around one request: open its line, let the gate decide, write it."""
+    line = open_request_line()
+    for event in line_events:
+        runtime.on_event(event)
+    line.write("POST", "/v1/images/generations", 429, "free", 1.5)
+    return line
 
 
-async def test_refusals_of_other_tenants_or_reasons_and_admissions_are_not_folded(
+async def test_a_decision_joins_its_request_line_and_is_counted_at_once(
     build: BuildApp,
 ) -> None:
     runtime = build().runtime
     with capture_logs() as logs:
-        for event in (_refusal("a"), _refusal("b"), _refusal("a", "rate_limit_exceeded"),
-                      DECIDED, DECIDED):
+        # A task of its own, as aiohttp serves a request: the line stays in its context.
+        await asyncio.create_task(_in_request([_refusal()], runtime))
+        assert _rejections(runtime) == 1.0
+        await asyncio.sleep(0)
+    assert logs == [{
+        "event": "admission.decided", "method": "POST", "path": "/v1/images/generations",
+        "status": 429, "ms": 1.5, "tier": "free", "tenant": "flooder", "decision": "reject",
+        "reason": "daily_quota_exceeded", "pressure": "normal", "cost": 1.0, "wait_s": 0.0,
+        "degraded": None, "log_level": "info",
+    }]
+
+
+async def test_a_request_without_a_decision_is_an_access_line(build: BuildApp) -> None:
+    runtime = build().runtime
+    with capture_logs() as logs:
+        await asyncio.create_task(_in_request([], runtime))
+    assert [(line["event"], line["status"]) for line in logs] == [("http.request", 429)]
+    assert "decision" not in logs[0]
+
+
+async def test_a_second_decision_in_one_request_gets_a_line_of_its_own(
+    build: BuildApp,
+) -> None:
+    runtime = build().runtime
+    with capture_logs() as logs:
+        await asyncio.create_task(_in_request([_refusal("a"), _refusal("b")], runtime))
+        await asyncio.sleep(0)
+    assert sorted((line["tenant"], "status" in line) for line in logs) == [
+        ("a", True), ("b", False)]
+    assert _rejections(runtime) == 2.0
+
+
+async def test_decisions_outside_a_request_keep_lines_of_their_own(build: BuildApp) -> None:
+    runtime = build().runtime
+    with capture_logs() as logs:
+        for event in (_refusal("a"), _refusal("a"), DECIDED):
             runtime.on_event(event)
         await asyncio.sleep(0)
-        runtime.events.flush()
     assert [(line["tenant"], line["decision"]) for line in logs] == [
-        ("a", "reject"), ("b", "reject"), ("a", "reject"), ("pro-tenant", "admit"),
-        ("pro-tenant", "admit")]
-    assert not any("repeated" in line for line in logs)
+        ("a", "reject"), ("a", "reject"), ("pro-tenant", "admit")]
+    assert not any("status" in line for line in logs)
 
 
-async def test_a_fold_is_written_when_its_second_ends_and_the_next_refusal_opens_another(
-    build: BuildApp,
-) -> None:
+async def test_an_admission_feeds_the_queue_wait_histogram(build: BuildApp) -> None:
     runtime = build().runtime
-    runtime.events = AdmissionEvents(lambda: runtime.metrics, fold_seconds=0.05)
-    with capture_logs() as logs:
-        for _ in range(3):
-            runtime.on_event(_refusal())
-            await asyncio.sleep(0)
-        await asyncio.sleep(0.2)
-        assert [line.get("repeated") for line in logs] == [None, 2]
-        runtime.on_event(_refusal())
-        await asyncio.sleep(0)
-    assert [line.get("repeated") for line in logs] == [None, 2, None]
+    runtime.on_event(Decided("pro", "p", "queue", "ok", Level.NORMAL, 1.0, 2.5))
+    runtime.on_event(_refusal())  # a refusal never reached the queue
+    await asyncio.sleep(0)
+    registry = runtime.metrics.registry
+    assert registry.get_sample_value(
+        "meltguard_queue_wait_seconds_count", {"tier": "pro"}) == 1.0
+    assert registry.get_sample_value(
+        "meltguard_queue_wait_seconds_sum", {"tier": "pro"}) == 2.5
+    assert registry.get_sample_value(
+        "meltguard_queue_wait_seconds_count", {"tier": "free"}) == 0.0
 
 
 async def test_a_refund_is_logged_and_a_plain_success_is_not(build: BuildApp) -> None:
