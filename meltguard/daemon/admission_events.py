@@ -8,12 +8,12 @@ status, ms) together: the canonical line of the request. Every other request is 
 `http.request`. A decision made outside an HTTP request (the simulator, the benchmarks, a
 test driving the gate) gets a line of its own.
 
-Series are counted when the event happens. Lines not joined to a request (and the series
-that go with them) are applied at the end of the event-loop turn they were emitted in, all
-of the turn's together, each in the context it was emitted in (request id, tenant, tier):
-every request writes its answer to a socket, and the kernel's work there evicts the CPU
-caches, so work done between two writes runs at several times its warm cost. Outside a
-running loop an event is applied at once.
+A decision's series are recorded when it is made (`Metrics` applies them at the end of the
+loop turn). Lines not joined to a request, and the series that go with them, are applied at the
+end of the event-loop turn they were emitted in, all of the turn's together, each in the
+context it was emitted in (request id, tenant, tier): every request writes its answer to a
+socket, and the kernel's work there evicts the CPU caches, so work done between two writes
+runs at several times its warm cost. Outside a running loop an event is applied at once.
 """
 
 from __future__ import annotations

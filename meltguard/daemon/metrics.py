@@ -3,6 +3,7 @@ scrape-time gauges read from the live state, all on an injected registry."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -75,9 +76,31 @@ def _gauge(name: str, values: Mapping[str, float]) -> GaugeMetricFamily:
     return family
 
 
+class _Pending(Collector):
+    """Registered before the series it feeds, since a registry collects in registration
+    order: a scrape applies what the request path has recorded so far, and sees it."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def collect(self) -> Iterable[Metric]:
+        self._flush()
+        return []
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
 class Metrics:
+    """The series. Those updated on every request (requests, decisions, queue waits) are
+    recorded as plain counts and applied to their prometheus_client series at the end of the
+    event-loop turn, or when a scrape comes first: an update costs a dict increment on the
+    request path instead of a lock and a bucket search, and the turn's updates are applied
+    together. Outside a running loop they are applied at once."""
+
     def __init__(self, registry: CollectorRegistry, view: Callable[[], LiveView]) -> None:
         self.registry = registry
+        registry.register(_Pending(self.flush))
         self.decisions = _counter("admission_decisions", registry)
         self.requests = _counter("requests", registry)
         self.queue_wait = _histogram("queue_wait_seconds", registry)
@@ -87,31 +110,68 @@ class Metrics:
         self.store_errors = _counter("quota_store_errors", registry)
         registry.register(_LiveCollector(view))
         # `labels(...)` takes the metric's lock and validates the values on every call; the
-        # hot path keeps the children it has seen. Label values come from the policy (tiers)
-        # and fixed vocabularies (decisions, reasons, status codes), so these stay small.
+        # flush keeps the children it has seen. Label values come from the policy (tiers) and
+        # fixed vocabularies (decisions, reasons, status codes), so these stay small.
         self._decided: dict[tuple[str, str, str], Counter] = {}
         self._requests: dict[tuple[str, int], Counter] = {}
         self._waits: dict[str, Histogram] = {}
+        self._pending_decided: dict[tuple[str, str, str], int] = {}
+        self._pending_requests: dict[tuple[str, int], int] = {}
+        self._pending_waits: list[tuple[str, float]] = []
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     def decided(self, tier: str, decision: str, reason: str) -> None:
+        pending = self._pending_decided
         key = (tier, decision, reason)
-        child = self._decided.get(key)
-        if child is None:
-            child = self._decided[key] = self.decisions.labels(tier, decision, reason)
-        child.inc()
+        pending[key] = pending.get(key, 0) + 1
+        self._schedule()
 
     def request_done(self, tier: str, status: int) -> None:
+        pending = self._pending_requests
         key = (tier, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(tier, str(status))
-        child.inc()
+        pending[key] = pending.get(key, 0) + 1
+        self._schedule()
 
     def waited(self, tier: str, seconds: float) -> None:
-        child = self._waits.get(tier)
-        if child is None:
-            child = self._waits[tier] = self.queue_wait.labels(tier)
-        child.observe(seconds)
+        self._pending_waits.append((tier, seconds))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        # Keyed by loop: a loop that closed with a flush pending must not hold up later ones.
+        if self._flush_loop is not loop:
+            self._flush_loop = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Apply the recorded updates to their series."""
+        self._flush_loop = None
+        if self._pending_decided:
+            pending, self._pending_decided = self._pending_decided, {}
+            for key, count in pending.items():
+                child = self._decided.get(key)
+                if child is None:
+                    child = self._decided[key] = self.decisions.labels(*key)
+                child.inc(count)
+        if self._pending_requests:
+            requests, self._pending_requests = self._pending_requests, {}
+            for (tier, status), count in requests.items():
+                counter = self._requests.get((tier, status))
+                if counter is None:
+                    counter = self._requests[(tier, status)] = self.requests.labels(
+                        tier, str(status))
+                counter.inc(count)
+        if self._pending_waits:
+            waits, self._pending_waits = self._pending_waits, []
+            for tier, seconds in waits:
+                histogram = self._waits.get(tier)
+                if histogram is None:
+                    histogram = self._waits[tier] = self.queue_wait.labels(tier)
+                histogram.observe(seconds)
 
     def prime(self, tiers: Iterable[str], model: str, store: str) -> None:
         """Create zero-valued series up front so dashboards and rate() see them from the start."""
