@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import structlog
 
+from meltguard.admission.auth import Caller
 from meltguard.admission.events import Decided, Event, Settled, StoreFailed, Waited
 from meltguard.daemon.metrics import Metrics
 
@@ -40,18 +41,20 @@ class RequestLine:
     def __init__(self) -> None:
         self.decided: Decided | None = None
 
-    def write(self, method: str, path: str, status: int, tier: str, ms: float) -> None:
+    def write(self, method: str, path: str, status: int, caller: Caller | None,
+              ms: float) -> None:
         decided = self.decided
         # bind() hands back the cached logger once logging is configured, without the proxy's
         # per-call attribute lookup: this line is written for every request.
-        if decided is None:
-            log.bind().info("http.request", method=method, path=path, status=status, tier=tier,
-                            ms=ms)
-            return
-        log.bind().info(
-            "admission.decided", method=method, path=path, status=status, ms=ms,
-            **_decision_fields(decided),
-        )
+        if decided is not None:
+            log.bind().info("admission.decided", method=method, path=path, status=status, ms=ms,
+                            **_decision_fields(decided))
+        elif caller is None:
+            log.bind().info("http.request", method=method, path=path, status=status,
+                            tier="none", ms=ms)
+        else:
+            log.bind().info("http.request", method=method, path=path, status=status,
+                            tier=caller.tier, tenant=caller.tenant, ms=ms)
 
 
 _CURRENT: contextvars.ContextVar[RequestLine | None] = contextvars.ContextVar(

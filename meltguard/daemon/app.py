@@ -195,11 +195,10 @@ def _account(
     request: web.Request, runtime: Runtime, line: RequestLine, status: int, started: float
 ) -> None:
     caller = request.get(CALLER)
-    tier = caller.tier if caller else "none"
     path = request.path
     if runtime.metrics is not None and path.startswith("/v1/"):
-        runtime.metrics.request_done(tier, status)
-    line.write(request.method, path, status, tier,
+        runtime.metrics.request_done(caller.tier if caller else "none", status)
+    line.write(request.method, path, status, caller,
                round((time.perf_counter() - started) * 1000, 2))
 
 
@@ -240,8 +239,7 @@ async def create_image(request: web.Request) -> web.Response:
                            retry_after=2.0)
     gate = runtime.gate
     caller = gate.authenticate(request.headers.get("Authorization"), request.remote or "unknown")
-    request[CALLER] = caller
-    structlog.contextvars.bind_contextvars(tenant=caller.tenant, tier=caller.tier)
+    request[CALLER] = caller  # the request's line names the tenant and tier from here on
     body = await _read_body(request, runtime.settings.body_timeout)
     parsed = parse_image_request(body, request.content_type)
     if parsed.model is not None and parsed.model != runtime.engine.name:
@@ -260,6 +258,8 @@ async def create_image(request: web.Request) -> web.Response:
             # Answered here rather than raised to the edge: a flood of refusals is answered
             # as often as anything the daemon does.
             return await refusal_response(request, permit)
+        # For the lines written while the image is made (the engine's, a refund's).
+        structlog.contextvars.bind_contextvars(tenant=caller.tenant, tier=caller.tier)
         pngs = await _generate(runtime, permit, caller)
     finally:
         runtime.request_finished()

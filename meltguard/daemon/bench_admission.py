@@ -201,10 +201,10 @@ def _gated(gate: Gate) -> Callable[[web.Request], Awaitable[web.Response]]:
         caller = gate.authenticate(request.headers.get("Authorization"),
                                    request.remote or "unknown")
         request[CALLER] = caller
-        structlog.contextvars.bind_contextvars(tenant=caller.tenant, tier=caller.tier)
         permit = await gate.decide(caller, ASK)
         if isinstance(permit, ServiceError):
             return await refusal_response(request, permit)
+        structlog.contextvars.bind_contextvars(tenant=caller.tenant, tier=caller.tier)
         # The engine would run here; settling at once keeps the route trivial.
         permit.settle("success", seconds=0.001)
         headers = ratelimit_headers(permit.quota, clock.wall()) if permit.quota else {}
@@ -226,8 +226,7 @@ async def warm_costs(gate: Gate, app: web.Application,
         # decision joins.
         line = open_request_line()
         response = await handler(request)
-        caller = request.get(CALLER)
-        line.write("GET", "/", response.status, caller.tier if caller else "none", 0.1)
+        line.write("GET", "/", response.status, request.get(CALLER), 0.1)
 
     async def timed(handler: Callable[[web.Request], Awaitable[web.Response]],
                     request: web.Request) -> float:

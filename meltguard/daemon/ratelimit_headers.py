@@ -64,10 +64,11 @@ class _Memo:
     the gate's refusal memory) gets the same headers, and another outcome over the same
     windows (a tenant admitted again and again) differs only in what remains."""
 
-    __slots__ = ("headers", "outcome", "reset_s", "tight")
+    __slots__ = ("headers", "outcome", "reset_s", "state", "tight")
 
     def __init__(self) -> None:
         self.outcome: QuotaOutcome | None = None
+        self.state = WindowState(QuotaWindow("", 0.0, 1.0), 0.0, 0.0)  # the outcome's tightest
         self.tight: QuotaWindow | None = None
         self.reset_s = -1
         self.headers: dict[str, str] = {}
@@ -86,23 +87,26 @@ def ratelimit_headers(outcome: QuotaOutcome, now: float) -> dict[str, str]:
     windows = outcome.windows
     if not windows:
         return {}
-    tight = outcome.exhausted or (windows[0] if len(windows) == 1 else _tightest(windows))
+    last = _last
+    if outcome is last.outcome:
+        tight = last.state
+    else:
+        tight = outcome.exhausted or (windows[0] if len(windows) == 1 else _tightest(windows))
     window = tight.window
     reset = max(tight.reset_at - now, 0.0)
     reset_s = math.ceil(reset)
-    remaining = str(math.floor(tight.remaining + 1e-9))
-    last = _last
     # Below one second the reset is counted in milliseconds, a new value every call.
-    if reset >= 1 and reset_s == last.reset_s and window is last.tight:
-        previous = last.outcome
-        if outcome is previous:
-            return dict(last.headers)
-        if previous is not None and _same_windows(windows, previous.windows):
-            headers = dict(last.headers)
-            headers["x-ratelimit-remaining-requests"] = remaining
-            headers["RateLimit"] = f'"{window_name(window.period)}";r={remaining};t={reset_s}'
-            last.outcome, last.headers = outcome, headers
-            return dict(headers)
+    same_second = reset >= 1 and reset_s == last.reset_s and window is last.tight
+    if same_second and outcome is last.outcome:
+        return dict(last.headers)
+    remaining = str(math.floor(tight.remaining + 1e-9))
+    previous = last.outcome
+    if same_second and previous is not None and _same_windows(windows, previous.windows):
+        headers = dict(last.headers)
+        headers["x-ratelimit-remaining-requests"] = remaining
+        headers["RateLimit"] = f'"{window_name(window.period)}";r={remaining};t={reset_s}'
+        last.outcome, last.state, last.headers = outcome, tight, headers
+        return dict(headers)
     headers = {
         "x-ratelimit-limit-requests": str(math.floor(window.limit)),
         "x-ratelimit-remaining-requests": remaining,
@@ -110,5 +114,6 @@ def ratelimit_headers(outcome: QuotaOutcome, now: float) -> dict[str, str]:
         "RateLimit-Policy": _policy_field(windows),
         "RateLimit": f'"{window_name(window.period)}";r={remaining};t={reset_s}',
     }
-    last.outcome, last.tight, last.reset_s, last.headers = outcome, window, reset_s, headers
+    last.outcome, last.state, last.tight, last.reset_s = outcome, tight, window, reset_s
+    last.headers = headers
     return dict(headers)

@@ -12,6 +12,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from meltguard.admission.auth import Caller
 from meltguard.admission.events import Decided, Settled, Waited
 from meltguard.admission.policy import Level
 from meltguard.daemon.admission_events import RequestLine, open_request_line
@@ -108,7 +109,7 @@ async def _in_request(line_events: list[Decided], runtime: Any) -> RequestLine:
     line = open_request_line()
     for event in line_events:
         runtime.on_event(event)
-    line.write("POST", "/v1/images/generations", 429, "free", 1.5)
+    line.write("POST", "/v1/images/generations", 429, Caller("flooder", "free", False), 1.5)
     return line
 
 
@@ -133,8 +134,9 @@ async def test_a_request_without_a_decision_is_an_access_line(build: BuildApp) -
     runtime = build().runtime
     with capture_logs() as logs:
         await asyncio.create_task(_in_request([], runtime))
-    assert [(line["event"], line["status"]) for line in logs] == [("http.request", 429)]
-    assert "decision" not in logs[0]
+    assert logs == [{
+        "event": "http.request", "method": "POST", "path": "/v1/images/generations",
+        "status": 429, "tier": "free", "tenant": "flooder", "ms": 1.5, "log_level": "info"}]
 
 
 async def test_a_second_decision_in_one_request_gets_a_line_of_its_own(
@@ -182,3 +184,10 @@ async def test_a_refund_is_logged_and_a_plain_success_is_not(build: BuildApp) ->
         await asyncio.sleep(0)
     assert logs == [{"event": "quota.refunded", "tier": "pro", "outcome": "failed",
                      "cost": 1.5, "log_level": "info"}]
+
+
+def test_an_unauthenticated_request_line_names_no_tenant() -> None:
+    with capture_logs() as logs:
+        RequestLine().write("GET", "/healthz", 200, None, 0.2)
+    assert logs == [{"event": "http.request", "method": "GET", "path": "/healthz",
+                     "status": 200, "tier": "none", "ms": 0.2, "log_level": "info"}]
