@@ -122,7 +122,8 @@ def _quiet_protocol_errors(record: logging.LogRecord) -> bool:
 
 @web.middleware
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, one access line, requests_total, and every error in OpenAI's shape."""
+    """Request id, the request's one log line, requests_total, and every error in OpenAI's
+    shape."""
     runtime = request.app[RUNTIME]
     inflight = request.app[INFLIGHT]
     incoming = request.headers.get("x-request-id", "")
