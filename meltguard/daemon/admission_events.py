@@ -18,7 +18,6 @@ runs at several times its warm cost. Outside a running loop an event is applied 
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import structlog
 
 from meltguard.admission.auth import Caller
 from meltguard.admission.events import Decided, Event, Settled, StoreFailed, Waited
+from meltguard.daemon.loop_turn import EndOfTurn
 from meltguard.daemon.metrics import Metrics
 
 log = structlog.get_logger("meltguard")
@@ -106,7 +106,7 @@ class AdmissionEvents:
     def __init__(self, metrics: Callable[[], Metrics | None]) -> None:
         self._metrics = metrics  # read late: the app attaches its Metrics after the gate exists
         self._pending: list[tuple[contextvars.Context, Event]] = []
-        self._pending_loop: asyncio.AbstractEventLoop | None = None
+        self._end_of_turn = EndOfTurn(self._apply_pending)
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, Decided):
@@ -117,16 +117,8 @@ class AdmissionEvents:
                 return
         elif isinstance(event, Settled) and not event.refunded:
             return  # a success without a refund says nothing a series or a line reports
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._apply(event)
-            return
-        # Keyed by loop: a loop that closed with events pending must not hold up later ones.
-        if self._pending_loop is not loop:
-            self._pending_loop = loop
-            loop.call_soon(self._apply_pending)
         self._pending.append((contextvars.copy_context(), event))
+        self._end_of_turn.request()
 
     def _count(self, event: Decided) -> None:
         metrics = self._metrics()
@@ -138,7 +130,6 @@ class AdmissionEvents:
             metrics.waited(event.tier, event.wait_s)
 
     def _apply_pending(self) -> None:
-        self._pending_loop = None
         pending, self._pending = self._pending, []
         for context, event in pending:
             try:

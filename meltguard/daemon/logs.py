@@ -10,7 +10,6 @@ cache, and one flush per event-loop turn instead of one per line.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import io
@@ -23,6 +22,8 @@ from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore
 from typing import Any, BinaryIO, Literal
 
 import structlog
+
+from meltguard.daemon.loop_turn import EndOfTurn
 
 LogFormat = Literal["json", "console"]
 
@@ -101,29 +102,19 @@ class LineLogger:
     commands, other threads) every line is flushed at once. Each line is a single write on
     the stream, which is atomic against writers on other threads."""
 
-    __slots__ = ("_flush", "_pending", "_stream", "_write")
+    __slots__ = ("_end_of_turn", "_flush", "_stream", "_write")
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self._write = stream.write
         self._flush = stream.flush
-        self._pending: asyncio.AbstractEventLoop | None = None
+        self._end_of_turn = EndOfTurn(self._flush_now)
 
     def msg(self, message: bytes) -> None:
         self._write(message)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._flush()
-            return
-        # Keyed by loop: a loop that closed with a flush still pending must not leave later
-        # loops waiting for it.
-        if self._pending is not loop:
-            self._pending = loop
-            loop.call_soon(self._flush_turn)
+        self._end_of_turn.request()
 
-    def _flush_turn(self) -> None:
-        self._pending = None
+    def _flush_now(self) -> None:
         # A closed or broken stream: the lines are lost anyway.
         with contextlib.suppress(OSError, ValueError):
             self._flush()

@@ -3,7 +3,6 @@ scrape-time gauges read from the live state, all on an injected registry."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -12,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meltguard.daemon.catalog import BY_NAME, PREFIX, MetricSpec
+from meltguard.daemon.loop_turn import EndOfTurn
 
 
 def _spec(name: str) -> MetricSpec:
@@ -118,38 +118,26 @@ class Metrics:
         self._pending_decided: dict[tuple[str, str, str], int] = {}
         self._pending_requests: dict[tuple[str, int], int] = {}
         self._pending_waits: list[tuple[str, float]] = []
-        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._end_of_turn = EndOfTurn(self.flush)
 
     def decided(self, tier: str, decision: str, reason: str) -> None:
         pending = self._pending_decided
         key = (tier, decision, reason)
         pending[key] = pending.get(key, 0) + 1
-        self._schedule()
+        self._end_of_turn.request()
 
     def request_done(self, tier: str, status: int) -> None:
         pending = self._pending_requests
         key = (tier, status)
         pending[key] = pending.get(key, 0) + 1
-        self._schedule()
+        self._end_of_turn.request()
 
     def waited(self, tier: str, seconds: float) -> None:
         self._pending_waits.append((tier, seconds))
-        self._schedule()
-
-    def _schedule(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        # Keyed by loop: a loop that closed with a flush pending must not hold up later ones.
-        if self._flush_loop is not loop:
-            self._flush_loop = loop
-            loop.call_soon(self.flush)
+        self._end_of_turn.request()
 
     def flush(self) -> None:
         """Apply the recorded updates to their series."""
-        self._flush_loop = None
         if self._pending_decided:
             pending, self._pending_decided = self._pending_decided, {}
             for key, count in pending.items():
