@@ -257,6 +257,7 @@ class Gate:
         self._quota_heads: dict[tuple[str, float, Level, float, float], str] = {}
         self._refusals: dict[str, _Refusal] = {}
         self._settled: dict[tuple[str, Outcome], Settled] = {}
+        self._admitted: dict[str, Decided] = {}
         self._reference_note = _reference_note(policy)
 
     # -- configuration and readings ------------------------------------------------------------
@@ -491,7 +492,9 @@ class Gate:
         elif waited > 0:
             decision = "queue"
         else:
-            decision = "admit"
+            self._emit(self._admitted_at_once(tier, tenant, reason, level, cost))
+            return Permit(self, caller, job, (), cost, waited, quota, slot, windows, charged,
+                          charged_at)
         self._emit(Decided(tier, tenant, decision, reason, level, cost, waited, changes))
         return Permit(
             self, caller, job, () if shadow else changes, cost, waited, quota, slot,
@@ -578,6 +581,21 @@ class Gate:
                 self._windows_cache.clear()
             windows = self._windows_cache[key] = quota_windows(tenant, eff)
         return windows
+
+    def _admitted_at_once(
+        self, tier: str, tenant: str, reason: str, level: Level, cost: float
+    ) -> Decided:
+        """The Decided of an admission with no wait and no change. An event is a value: a
+        tenant admitted again and again reports the same one, built once."""
+        last = self._admitted.get(tenant)
+        if (last is not None and last.cost == cost and last.level is level
+                and last.tier == tier and last.reason == reason):
+            return last
+        if len(self._admitted) >= _WINDOWS_CACHED:
+            self._admitted.clear()
+        decided = self._admitted[tenant] = Decided(tier, tenant, "admit", reason, level, cost,
+                                                   0.0)
+        return decided
 
     def _remember_refusal(self, tenant: str, refusal: _Refusal) -> None:
         if len(self._refusals) >= _WINDOWS_CACHED:

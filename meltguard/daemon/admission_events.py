@@ -124,10 +124,9 @@ class AdmissionEvents:
         metrics = self._metrics()
         if metrics is None:
             return
-        metrics.decided(event.tier, event.decision, event.reason)
-        if event.decision != "reject":
-            # An admission's stay in the queue, zero when a slot was free (see events.py).
-            metrics.waited(event.tier, event.wait_s)
+        # An admission's stay in the queue, zero when a slot was free (see events.py).
+        metrics.decided(event.tier, event.decision, event.reason,
+                        None if event.decision == "reject" else event.wait_s)
 
     def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []

@@ -28,6 +28,7 @@ from meltguard.admission.gate import Permit
 from meltguard.daemon.admission_events import RequestLine, open_request_line
 from meltguard.daemon.errors import error_response, from_http_exception
 from meltguard.daemon.image_request import parse_image_request
+from meltguard.daemon.logs import bind_caller, start_request_context
 from meltguard.daemon.metrics import Metrics
 from meltguard.daemon.openapi import openapi_document
 from meltguard.daemon.ratelimit_headers import ratelimit_headers
@@ -128,8 +129,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     inflight = request.app[INFLIGHT]
     incoming = request.headers.get("x-request-id", "")
     request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    start_request_context(request_id)
     line = open_request_line()
     started = time.perf_counter()
     task = asyncio.current_task()
@@ -260,7 +260,7 @@ async def create_image(request: web.Request) -> web.Response:
             # as often as anything the daemon does.
             return await refusal_response(request, permit)
         # For the lines written while the image is made (the engine's, a refund's).
-        structlog.contextvars.bind_contextvars(tenant=caller.tenant, tier=caller.tier)
+        bind_caller(caller.tenant, caller.tier)
         pngs = await _generate(runtime, permit, caller)
     finally:
         runtime.request_finished()

@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import structlog
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CollectorRegistry
@@ -64,7 +63,7 @@ from meltguard.admission.gate import Gate
 from meltguard.clock import SystemClock
 from meltguard.daemon.admission_events import open_request_line
 from meltguard.daemon.app import CALLER, refusal_response
-from meltguard.daemon.logs import configure_logging
+from meltguard.daemon.logs import bind_caller, configure_logging
 from meltguard.daemon.metrics import Metrics
 from meltguard.daemon.policy_file import load_policy_file
 from meltguard.daemon.ratelimit_headers import ratelimit_headers
@@ -204,7 +203,7 @@ def _gated(gate: Gate) -> Callable[[web.Request], Awaitable[web.Response]]:
         permit = await gate.decide(caller, ASK)
         if isinstance(permit, ServiceError):
             return await refusal_response(request, permit)
-        structlog.contextvars.bind_contextvars(tenant=caller.tenant, tier=caller.tier)
+        bind_caller(caller.tenant, caller.tier)
         # The engine would run here; settling at once keeps the route trivial.
         permit.settle("success", seconds=0.001)
         headers = ratelimit_headers(permit.quota, clock.wall()) if permit.quota else {}

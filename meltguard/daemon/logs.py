@@ -58,17 +58,46 @@ def render_json_line(logger: Any, method_name: str, event_dict: Any) -> bytes:
     return ("".join(chunks) + "\n").encode("ascii")
 
 
+# The tenant and tier of the request being served, for every line written in its context once
+# it is admitted. One ContextVar set per admission rather than structlog's bind_contextvars (a
+# variable, a set and a token per key): the image route admits far more often than anything
+# logs in between.
+_CALLER: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "meltguard_log_caller", default=None)
+
+
+def bind_caller(tenant: str, tier: str) -> None:
+    """Name the caller on every line written from here on in this context."""
+    _CALLER.set((tenant, tier))
+
+
+def start_request_context(request_id: str) -> None:
+    """A request's log context: its id, no caller yet, nothing left from an earlier one."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    _CALLER.set(None)
+
+
+def merge_caller(logger: Any, method_name: str, event_dict: Any) -> Any:
+    """The processor for `bind_caller`: a line's own tenant and tier win."""
+    caller = _CALLER.get()
+    if caller is not None:
+        event_dict.setdefault("tenant", caller[0])
+        event_dict.setdefault("tier", caller[1])
+    return event_dict
+
+
 _CONTEXT_PREFIX = "structlog_"  # how structlog.contextvars names its variables
 _PREFIX_LEN = len(_CONTEXT_PREFIX)
 _LEVELS = {"warn": "warning", "exception": "error"}  # as structlog's add_log_level
 
 
 def json_line_processor() -> Callable[[Any, str, Any], bytes]:
-    """merge_contextvars, add_log_level, TimeStamper(fmt="iso", utc=True), format_exc_info
-    and the JSON renderer as one processor, with the same result: the same keys in the same
-    order, the timestamp as "2026-11-25T07:38:44.123456Z" (no fraction on a whole second).
-    The date and time of day are formatted once per second rather than through a datetime
-    per line."""
+    """merge_contextvars, merge_caller, add_log_level, TimeStamper(fmt="iso", utc=True),
+    format_exc_info and the JSON renderer as one processor, with the same result: the same
+    keys in the same order, the timestamp as "2026-11-25T07:38:44.123456Z" (no fraction on a
+    whole second). The date and time of day are formatted once per second rather than
+    through a datetime per line."""
     second = -1
     prefix = ""
 
@@ -78,6 +107,10 @@ def json_line_processor() -> Callable[[Any, str, Any], bytes]:
             name = var.name
             if name.startswith(_CONTEXT_PREFIX) and value is not Ellipsis:
                 event_dict.setdefault(name[_PREFIX_LEN:], value)
+        caller = _CALLER.get()
+        if caller is not None:
+            event_dict.setdefault("tenant", caller[0])
+            event_dict.setdefault("tier", caller[1])
         event_dict["level"] = _LEVELS.get(method_name, method_name)
         now = time.time()
         whole = int(now)
@@ -186,6 +219,7 @@ def configure_logging(
         isatty = getattr(target, "isatty", None)
         processors = [
             structlog.contextvars.merge_contextvars,
+            merge_caller,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -120,10 +120,15 @@ class Metrics:
         self._pending_waits: list[tuple[str, float]] = []
         self._end_of_turn = EndOfTurn(self.flush)
 
-    def decided(self, tier: str, decision: str, reason: str) -> None:
+    def decided(self, tier: str, decision: str, reason: str,
+                waited: float | None = None) -> None:
+        """One decision; `waited` is an admission's stay in the queue (zero when a slot was
+        free), recorded with it."""
         pending = self._pending_decided
         key = (tier, decision, reason)
         pending[key] = pending.get(key, 0) + 1
+        if waited is not None:
+            self._pending_waits.append((tier, waited))
         self._end_of_turn.request()
 
     def request_done(self, tier: str, status: int) -> None:

@@ -32,9 +32,10 @@ def openai_duration(seconds: float) -> str:
 def _tightest(windows: tuple[WindowState, ...]) -> WindowState:
     """The window with the least left, the sooner-resetting one on a tie."""
     best = windows[0]
-    best_left = best.remaining
+    # WindowState.remaining, inlined: this runs for every authenticated answer.
+    best_left = max(best.window.limit - best.used, 0.0)
     for state in windows[1:]:
-        left = state.remaining
+        left = max(state.window.limit - state.used, 0.0)
         if left < best_left or (left == best_left and state.reset_at < best.reset_at):
             best, best_left = state, left
     return best
@@ -78,8 +79,13 @@ _last = _Memo()
 
 
 def _same_windows(a: tuple[WindowState, ...], b: tuple[WindowState, ...]) -> bool:
-    return len(a) == len(b) and all(
-        one.window is other.window for one, other in zip(a, b, strict=True))
+    if len(a) != len(b):
+        return False
+    # A plain loop rather than all(...): the generator would cost more than the compares.
+    for one, other in zip(a, b, strict=True):  # noqa: SIM110
+        if one.window is not other.window:
+            return False
+    return True
 
 
 def ratelimit_headers(outcome: QuotaOutcome, now: float) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import re
@@ -13,7 +14,14 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from meltguard.daemon.logs import LineLogger, configure_logging, json_line_processor
+from meltguard.daemon.logs import (
+    LineLogger,
+    bind_caller,
+    configure_logging,
+    json_line_processor,
+    merge_caller,
+    start_request_context,
+)
 
 
 class Custom:
@@ -45,8 +53,9 @@ def stock() -> Iterator[None]:
 def _stock_line(event_dict: dict[str, Any]) -> str:
     """What the stock chain (merge_contextvars, add_log_level, TimeStamper, format_exc_info,
     JSONRenderer) writes for the same event, minus the timestamp."""
-    chain = [structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-             structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    chain = [structlog.contextvars.merge_contextvars, merge_caller,
+             structlog.processors.add_log_level, structlog.processors.format_exc_info,
+             structlog.processors.JSONRenderer()]
     out: Any = dict(event_dict)
     for processor in chain:
         out = processor(None, "info", out)
@@ -57,7 +66,12 @@ def _stock_line(event_dict: dict[str, Any]) -> str:
 @pytest.mark.parametrize("event_dict", EVENTS)
 def test_a_line_is_what_the_stock_processors_wrote(stock: None,
                                                    event_dict: dict[str, Any]) -> None:
-    structlog.contextvars.bind_contextvars(request_id="r-1", tenant="acme")
+    contextvars.copy_context().run(_compare_with_stock, event_dict)
+
+
+def _compare_with_stock(event_dict: dict[str, Any]) -> None:
+    structlog.contextvars.bind_contextvars(request_id="r-1", region="eu")
+    bind_caller("acme", "free")
     line = json_line_processor()(None, "info", dict(event_dict))
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     text = line.decode("ascii")
@@ -165,3 +179,30 @@ def test_text_streams_are_written_through_their_buffer() -> None:
         assert json.loads(raw.getvalue())["who"] == "world"
     finally:
         structlog.reset_defaults()
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_the_bound_caller_is_named_until_the_next_request(stock: None, fmt: str) -> None:
+    stream = io.StringIO()
+    configure_logging(fmt, stream=stream)  # type: ignore[arg-type]
+    log = structlog.get_logger("t")
+
+    def request() -> None:
+        start_request_context("r-1")
+        log.info("before")
+        bind_caller("acme", "pro")
+        log.info("after")
+        log.info("own", tenant="other", tier="free")
+        start_request_context("r-2")
+        log.info("next")
+
+    contextvars.copy_context().run(request)
+    lines = stream.getvalue().splitlines()
+    if fmt == "json":
+        named = [(entry["event"], entry["request_id"], entry.get("tenant"), entry.get("tier"))
+                 for entry in map(json.loads, lines)]
+        assert named == [("before", "r-1", None, None), ("after", "r-1", "acme", "pro"),
+                         ("own", "r-1", "other", "free"), ("next", "r-2", None, None)]
+    else:
+        assert ["tenant=acme" in line for line in lines] == [False, True, False, False]
+        assert "tenant=other" in lines[2] and "tier=free" in lines[2]

@@ -60,7 +60,8 @@ class HalfBroken:
     def __init__(self) -> None:
         self.waits: list[float] = []
 
-    def decided(self, tier: str, decision: str, reason: str) -> None:
+    def decided(self, tier: str, decision: str, reason: str,
+                waited: float | None = None) -> None:
         raise RuntimeError("metrics backend broke")
 
     def waited(self, tier: str, seconds: float) -> None:
