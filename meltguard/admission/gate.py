@@ -131,6 +131,10 @@ class _Refusal:
         first = self.error
         # clamp_retry, inlined: the reset is in the future, so never NaN.
         wait = min(max(self.reset_at - now, RETRY_AFTER_MIN), RETRY_AFTER_MAX)
+        if wait == first.retry_after:
+            # A refusal is returned as a value (see Gate.decide), so one error can answer
+            # them all: a daily window far from its reset always says the 60 s cap.
+            return first
         return ServiceError(first.code, first.message, retry_after=wait,
                             should_retry=first.should_retry, quota=first.quota)
 
@@ -367,7 +371,8 @@ class Gate:
         """A permit, or the refusal raised as a ServiceError."""
         decision = await self.decide(caller, ask)
         if isinstance(decision, ServiceError):
-            raise decision
+            # One refusal may answer many requests: raise it without the last raise's frames.
+            raise decision.with_traceback(None)
         return decision
 
     async def decide(self, caller: Caller, ask: ImageAsk) -> Permit | ServiceError:

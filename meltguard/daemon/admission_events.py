@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -47,8 +48,8 @@ class RequestLine:
         # bind() hands back the cached logger once logging is configured, without the proxy's
         # per-call attribute lookup: this line is written for every request.
         if decided is not None:
-            log.bind().info("admission.decided", method=method, path=path, status=status, ms=ms,
-                            **_decision_fields(decided))
+            _decision_logger(decided).info("admission.decided", method=method, path=path,
+                                           status=status, ms=ms)
         elif caller is None:
             log.bind().info("http.request", method=method, path=path, status=status,
                             tier="none", ms=ms)
@@ -68,36 +69,41 @@ def open_request_line() -> RequestLine:
     return line
 
 
-class _Fields:
-    """The last decision's line fields: a tenant refused again and again re-emits the same
-    Decided (see the gate's refusal memory), and its fields need formatting once."""
+class _Bound:
+    """The last decision's logger, its fields bound: a tenant admitted or refused again and
+    again reports the same Decided (the gate reuses them), and a logger with the fields bound
+    writes them without passing them as keywords on every line."""
 
-    __slots__ = ("event", "fields")
+    __slots__ = ("base", "event", "logger")
 
     def __init__(self) -> None:
         self.event: Decided | None = None
-        self.fields: dict[str, object] = {}
+        self.base: object = None
+        self.logger: Any = None
 
 
-_last = _Fields()
+_last = _Bound()
 
 
-def _decision_fields(event: Decided) -> dict[str, object]:
+def _decision_logger(event: Decided) -> Any:
+    base = log.bind()
     last = _last
-    if event is last.event:
-        return last.fields
-    fields = {
-        "tier": event.tier,
-        "tenant": event.tenant,
-        "decision": event.decision,
-        "reason": event.reason,
-        "pressure": event.level.label,
-        "cost": round(event.cost, 4),
-        "wait_s": round(event.wait_s, 4),
-        "degraded": list(event.degraded) if event.degraded else None,
-    }
-    last.event, last.fields = event, fields
-    return fields
+    # Keyed by the base logger too: without logger caching (tests, in-process CLI runs) a
+    # reconfiguration hands out a new one, and the bound one must follow it.
+    if event is last.event and base is last.base:
+        return last.logger
+    logger = base.bind(
+        tier=event.tier,
+        tenant=event.tenant,
+        decision=event.decision,
+        reason=event.reason,
+        pressure=event.level.label,
+        cost=round(event.cost, 4),
+        wait_s=round(event.wait_s, 4),
+        degraded=list(event.degraded) if event.degraded else None,
+    )
+    last.event, last.base, last.logger = event, base, logger
+    return logger
 
 
 class AdmissionEvents:
@@ -141,7 +147,7 @@ class AdmissionEvents:
         metrics = self._metrics()
         if isinstance(event, Decided):
             self._count(event)
-            log.bind().info("admission.decided", **_decision_fields(event))
+            _decision_logger(event).info("admission.decided")
         elif isinstance(event, Waited):
             if metrics is not None:
                 metrics.waited(event.tier, event.seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -66,14 +67,20 @@ def error_response(
     headers = dict(extra_headers) if extra_headers else {}
     retry_after = error.retry_after
     if retry_after is not None or status in (429, 503):
-        capped = min(max(retry_after or 1.0, 0.0), MAX_RETRY_AFTER)
-        headers["Retry-After"] = str(max(1, math.ceil(capped)))
-        headers["retry-after-ms"] = str(max(1, round(capped * 1000)))
+        headers["Retry-After"], headers["retry-after-ms"] = _retry_fields(retry_after or 1.0)
     if error.should_retry is not None:
         headers["x-should-retry"] = "true" if error.should_retry else "false"
     headers["Content-Type"] = _JSON
     return web.Response(status=status, body=_body(error.message, error.param, error.code),
                         headers=headers)
+
+
+@functools.lru_cache(maxsize=256)
+def _retry_fields(seconds: float) -> tuple[str, str]:
+    """Retry-After and retry-after-ms. A flood of refusals repeats a few values (the 60 s cap
+    above all), so each is formatted once."""
+    capped = min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return str(max(1, math.ceil(capped))), str(max(1, round(capped * 1000)))
 
 
 def from_http_exception(exc: web.HTTPException) -> ServiceError:

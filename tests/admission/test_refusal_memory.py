@@ -5,6 +5,7 @@ the answer."""
 from __future__ import annotations
 
 import random
+import traceback
 from collections.abc import Sequence
 
 import pytest
@@ -206,3 +207,42 @@ async def test_every_refusal_from_memory_still_reports_its_decision(clock: FakeC
     assert len(refusals) == 3
     assert set(refusals) == {
         Decided("free", "fiona", "reject", "rate_limit_exceeded", Level.NORMAL, 1.0, 0.0)}
+
+
+async def test_a_refusal_at_the_retry_cap_is_one_error_raised_without_old_frames(
+    clock: FakeClock,
+) -> None:
+    gate = gate_on(CountingStore(), clock)
+    await use_up_free_minute(gate)
+    clock.advance(60.0)
+    (await gate.admit(FREE, ONE)).settle("success", seconds=1.0)  # the day's 3rd and last
+    first = await gate.decide(FREE, ONE)
+    assert isinstance(first, ServiceError) and first.code is ErrorCode.DAILY_QUOTA_EXCEEDED
+    assert first.retry_after == 60.0  # the day resets in 22 h: the cap
+    clock.advance(0.5)
+    assert await gate.decide(FREE, ONE) is first  # nothing in it changed, so nothing new
+
+    depths = []
+    for _ in range(3):
+        with pytest.raises(ServiceError) as raised:
+            await gate.admit(FREE, ONE)
+        assert raised.value is first
+        depths.append(len(traceback.extract_tb(raised.value.__traceback__)))
+    assert depths[0] == depths[1] == depths[2]  # each raise starts a fresh traceback
+
+
+async def test_a_tenant_admitted_at_once_again_and_again_reports_one_decided(
+    clock: FakeClock,
+) -> None:
+    events: list[Event] = []
+    gate = Gate(make_policy(), CountingStore(), clock, events.append, random.Random(7),
+                call_later=NoTimers())
+    for level in (Level.NORMAL, Level.NORMAL, Level.ELEVATED, Level.ELEVATED):
+        gate.set_pressure(level, 0.0)
+        (await gate.admit(PRO, ONE)).settle("success", seconds=1.0)
+    (await gate.admit(PRO, ImageAsk("two", n=2))).settle("success", seconds=1.0)
+    decided = [e for e in events if isinstance(e, Decided)]
+    assert decided[0] is decided[1] and decided[2] is decided[3]
+    assert decided[0] == Decided("pro", "petra", "admit", "ok", Level.NORMAL, 1.0, 0.0)
+    assert decided[2] == Decided("pro", "petra", "admit", "ok", Level.ELEVATED, 1.0, 0.0)
+    assert decided[4] == Decided("pro", "petra", "admit", "ok", Level.ELEVATED, 2.0, 0.0)

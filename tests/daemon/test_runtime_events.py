@@ -5,6 +5,8 @@ were emitted in."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import logging
 from typing import Any
 
@@ -16,6 +18,7 @@ from meltguard.admission.auth import Caller
 from meltguard.admission.events import Decided, Settled, Waited
 from meltguard.admission.policy import Level
 from meltguard.daemon.admission_events import RequestLine, open_request_line
+from meltguard.daemon.logs import configure_logging
 from tests.daemon.conftest import BuildApp
 
 DECIDED = Decided("pro", "pro-tenant", "admit", "ok", Level.NORMAL, 1.0, 0.0)
@@ -192,3 +195,20 @@ def test_an_unauthenticated_request_line_names_no_tenant() -> None:
         RequestLine().write("GET", "/healthz", 200, None, 0.2)
     assert logs == [{"event": "http.request", "method": "GET", "path": "/healthz",
                      "status": 200, "tier": "none", "ms": 0.2, "log_level": "info"}]
+
+
+def test_a_decision_line_follows_a_reconfigured_logger() -> None:
+    # Loggers not cached (as the in-process CLI configures them): each configuration's own
+    # stream gets the line, though the decision, and so its bound fields, is the same.
+    streams = [io.BytesIO(), io.BytesIO()]
+    try:
+        for stream in streams:
+            configure_logging("json", stream=stream, cache=False)
+            line = RequestLine()
+            line.decided = DECIDED
+            line.write("POST", "/v1/images/generations", 200, None, 3.0)
+    finally:
+        structlog.reset_defaults()
+    for stream in streams:
+        [entry] = [json.loads(text) for text in stream.getvalue().splitlines()]
+        assert entry["event"] == "admission.decided" and entry["tenant"] == DECIDED.tenant
