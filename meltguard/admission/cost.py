@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 from meltguard.admission.policy import EffectiveTier, Policy
 from meltguard.errors import invalid
-from meltguard.values import GenerationJob, Size
+from meltguard.values import GenerationJob, Size, fast_init
 
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; signed keeps every client happy
 DEFAULT_SEED_BITS = 32  # drawn seeds stay short enough to read back and retype
 DEFAULT_SEED_MAX = 2**DEFAULT_SEED_BITS - 1
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ImageAsk:
     """A request as the client sent it, already parsed from JSON but not yet checked."""
