@@ -473,7 +473,7 @@ def quick_report(results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(results: Results) -> str:
+def report(results: Results, picture: str | None = None) -> str:
     def us(case: str) -> float:
         return 1e6 / results.median(case)
 
@@ -533,6 +533,8 @@ def report(results: Results) -> str:
                      f">= {target.at_least}x (issue {target.issue}) | {verdict} |")
     for case, baseline in EXTRA_RATIOS:
         lines.append(f"| {case} / {baseline} | {results.ratio(case, baseline):.2f}x | | | |")
+    if picture is not None:
+        lines += ["", f"![Per-round ratios and cost per request]({picture})"]
     errors = ", ".join(f"{k} {v:g}" for k, v in results.store_errors.items())
     transactions = ", ".join(results.transactions.values())
 
@@ -555,7 +557,11 @@ def report(results: Results) -> str:
         f"the decision with the store (*no events*) is {us(SILENT + ' admit') - bare:.0f}"
         f" / {us(SILENT + ' reject') - bare:.0f} µs, and the events (Prometheus series, the "
         f"decision's fields on the line) {us('memory admit') - us(SILENT + ' admit'):.0f} / "
-        f"{us('memory reject') - us(SILENT + ' reject'):.0f} µs.",
+        f"{us('memory reject') - us(SILENT + ' reject'):.0f} µs"
+        + (" (a negative share is this run's noise: the two cases differ by less than the "
+           "spread between rounds)." if min(us('memory admit') - us(SILENT + ' admit'),
+                                           us('memory reject') - us(SILENT + ' reject')) < 0
+           else "."),
         f"- An admission costs {us('memory admit'):.0f} µs with memory, "
         f"{us('sqlite admit'):.0f} µs with sqlite (consumes that arrive in one event-loop turn "
         "go to the store's thread as one batch, one transaction) and "
@@ -696,11 +702,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         sys.stdout.write(quick_report(results))
         return 0
-    text = report(results)
-    sys.stdout.write(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    picture = args.out.with_suffix(".png")
+    plot(results, picture)
+    text = report(results, picture.name)
+    sys.stdout.write(text)
     args.out.write_text(text)
     return 0
+
+
+def plot(results: Results, path: Path) -> None:
+    """The targets' per-round ratios against their thresholds, and each case's server CPU
+    per request."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rounds_ax, cost_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for target, colour in zip(TARGETS[:2], ("tab:blue", "tab:orange"), strict=True):
+        ratios = [a / b for a, b in zip(results.rates[target.case],
+                                        results.rates[target.baseline], strict=True)]
+        label = f"{target.case} / {target.baseline}"
+        median = results.ratio(target.case, target.baseline)
+        rounds_ax.plot(range(1, len(ratios) + 1), ratios, "o-", color=colour, label=label)
+        rounds_ax.axhline(median, color=colour, alpha=0.5, label=f"median {median:.2f}x")
+        rounds_ax.axhline(target.at_least, color=colour, linestyle=":",
+                          label=f"target {target.at_least}x")
+    rounds_ax.set_xlabel("round")
+    rounds_ax.set_ylabel("requests/s, ratio to the bare route")
+    rounds_ax.set_title("Each round's ratio (the box is shared and noisy)")
+    rounds_ax.legend(fontsize=8)
+    cases = list(results.rates)
+    costs = [1e6 / results.median(case) for case in cases]
+    cost_ax.barh(cases, costs, color=["tab:gray" if case in ("bare", RAW) else "tab:green"
+                                      for case in cases])
+    cost_ax.invert_yaxis()
+    cost_ax.set_xlabel("µs of server CPU per request (median over rounds)")
+    cost_ax.set_title("Cost per request by case")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

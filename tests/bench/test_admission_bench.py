@@ -34,3 +34,6 @@ def test_one_round_writes_a_report_with_every_case_and_target(tmp_path: Path) ->
                          text, re.M), target
     assert "Traceback" not in done.stderr
     assert re.search(r"tight loop on this event loop \(`warm_costs`\) cost [\d.]+ µs", text)
+    picture = out.with_suffix(".png")
+    assert f"]({picture.name})" in text
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
