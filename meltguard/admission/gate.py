@@ -459,7 +459,10 @@ class Gate:
                     would = would or err
 
         scheduler = self._scheduler
-        estimate = scheduler.estimate_wait(tier, cost)
+        # Nobody queued and a slot free: granted on the spot, without a waiter or a timer.
+        # That is exactly when the wait estimate is zero, so it is only made otherwise.
+        slot = scheduler.try_acquire(tier, tenant, cost)
+        estimate = None if slot is not None else scheduler.estimate_wait(tier, cost)
         if estimate is not None and estimate > eff.max_queue_wait:
             err = ServiceError(
                 ErrorCode.SERVER_OVERLOADED,
@@ -473,8 +476,6 @@ class Gate:
                 return self._refused(caller, level, err, cost, changes)
             would = would or err
 
-        # Nobody queued and a slot free: granted on the spot, without a waiter or a timer.
-        slot = scheduler.try_acquire(tier, tenant, cost)
         if slot is None:
             queued = await self._wait_for_slot(
                 caller, level, eff, cost, changes, shadow, windows, charged, charged_at
@@ -701,12 +702,13 @@ class Gate:
             self._scheduler.record_drop()
         permit._slot.release()
         refunded = 0.0 if outcome == "success" else permit.charged
+        tier = permit.caller.tier
         if refunded:
-            self._spawn_refund(permit.tenant, permit._windows, refunded, permit.charged_at)
-            self._emit(Settled(permit.tier, outcome, refunded))
+            self._spawn_refund(permit.caller.tenant, permit._windows, refunded,
+                               permit.charged_at)
+            self._emit(Settled(tier, outcome, refunded))
             return
         # An event is a value: every refund-free settle of a tier reports the same one.
-        tier = permit.tier
         settled = self._settled.get((tier, outcome))
         if settled is None:
             settled = self._settled[(tier, outcome)] = Settled(tier, outcome, 0.0)

@@ -11,51 +11,53 @@ EPSILON = 1e-9
 
 
 class MemoryQuotaStore:
-    """Fixed windows aligned to the epoch; one dict entry per (key, window id)."""
+    """Fixed windows aligned to the epoch; one dict entry per (key, window end). The end
+    names the window (a key's windows all have its one period) and tells when the entry
+    may be forgotten."""
 
     def __init__(self) -> None:
-        self._used: dict[tuple[str, int], float] = {}
-        self._ends: dict[tuple[str, int], float] = {}
+        self._used: dict[tuple[str, float], float] = {}
 
     @property
     def name(self) -> str:
         return "memory"
 
     def _state(self, window: QuotaWindow, now: float) -> WindowState:
-        used = self._used.get((window.key, window.window_id(now)), 0.0)
-        return WindowState(window=window, used=used, reset_at=window.reset_at(now))
+        reset_at = window.reset_at(now)
+        used = self._used.get((window.key, reset_at), 0.0)
+        return WindowState(window=window, used=used, reset_at=reset_at)
 
     async def consume(
         self, windows: Sequence[QuotaWindow], cost: float, now: float
     ) -> QuotaOutcome:
         used_by_slot = self._used
-        # One pass computes each window's slot, usage and reset once.
-        looked: list[tuple[QuotaWindow, tuple[str, int], float, float]] = []
+        # One pass looks up each window's slot and usage once; the charge follows only when
+        # every window has room.
+        looked: list[tuple[tuple[str, float], float]] = []
         fits = True
         for window in windows:
             period = window.period
-            window_id = int(now // period)
-            slot = (window.key, window_id)
+            slot = (window.key, (now // period + 1) * period)  # window.reset_at(now), inline
             used = used_by_slot.get(slot, 0.0)
-            looked.append((window, slot, used, (window_id + 1) * period))
+            looked.append((slot, used))
             if used + cost > window.limit + EPSILON:
                 fits = False
         if not fits:
-            states = tuple(WindowState(w, used, reset) for w, _, used, reset in looked)
+            states = tuple(WindowState(window, used, slot[1])
+                           for window, (slot, used) in zip(windows, looked, strict=True))
             exhausted = next(s for s in states if s.used + cost > s.window.limit + EPSILON)
             return QuotaOutcome(False, states, exhausted=exhausted, charged_at=now)
-        ends = self._ends
         charged = []
-        for window, slot, used, reset in looked:
+        for window, (slot, used) in zip(windows, looked, strict=True):
             used_by_slot[slot] = total = used + cost
-            ends[slot] = reset
-            charged.append(WindowState(window, total, reset))
-        self._expire(now)
+            charged.append(WindowState(window, total, slot[1]))
+        if len(used_by_slot) >= _FORGET_AT:
+            self._expire(now)
         return QuotaOutcome(True, tuple(charged), charged_at=now)
 
     async def refund(self, windows: Sequence[QuotaWindow], cost: float, charged_at: float) -> None:
         for window in windows:
-            slot = (window.key, window.window_id(charged_at))
+            slot = (window.key, window.reset_at(charged_at))
             if slot in self._used:
                 self._used[slot] = max(self._used[slot] - cost, 0.0)
 
@@ -66,11 +68,10 @@ class MemoryQuotaStore:
 
     async def close(self) -> None:
         self._used.clear()
-        self._ends.clear()
 
     def _expire(self, now: float) -> None:
         # Bounded memory: forget windows that ended, checked only once the map has grown.
-        if len(self._used) < 4096:
-            return
-        self._used = {slot: used for slot, used in self._used.items() if self._ends[slot] > now}
-        self._ends = {slot: end for slot, end in self._ends.items() if slot in self._used}
+        self._used = {slot: used for slot, used in self._used.items() if slot[1] > now}
+
+
+_FORGET_AT = 4096

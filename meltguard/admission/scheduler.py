@@ -295,7 +295,7 @@ class Scheduler:
         if self._limit < ceiling:
             self._limit = min(ceiling, self._limit + 1.0 / max(self._limit, 1.0))
             self._recompute_caps()
-        self._dispatch()
+            self._dispatch()
 
     def record_drop(self) -> None:
         self._limit = max(float(self._policy.concurrency.min_limit), self._limit / 2.0)

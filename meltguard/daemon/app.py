@@ -279,7 +279,7 @@ async def create_image(request: web.Request) -> web.Response:
         "usage": {"images": len(pngs), "size": str(job.size), "steps": job.steps,
                   "cost": round(permit.cost, 6)},
     }
-    headers = ratelimit_headers(permit.quota, now) if permit.quota is not None else {}
+    headers = dict(ratelimit_headers(permit.quota, now)) if permit.quota is not None else {}
     if permit.degraded:
         headers["x-meltguard-degraded"] = ", ".join(permit.degraded)
     headers["x-meltguard-seed"] = str(job.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from meltguard.values import QuotaOutcome, QuotaWindow, WindowState
 
@@ -65,31 +66,27 @@ class _Memo:
     the gate's refusal memory) gets the same headers, and another outcome over the same
     windows (a tenant admitted again and again) differs only in what remains."""
 
-    __slots__ = ("headers", "outcome", "reset_s", "state", "tight")
+    __slots__ = ("headers", "named", "outcome", "reset_s", "state", "tight")
 
     def __init__(self) -> None:
         self.outcome: QuotaOutcome | None = None
         self.state = WindowState(QuotaWindow("", 0.0, 1.0), 0.0, 0.0)  # the outcome's tightest
         self.tight: QuotaWindow | None = None
         self.reset_s = -1
-        self.headers: dict[str, str] = {}
+        self.named = ""  # the RateLimit field's window name, quoted
+        self.headers: dict[str, str] = {}  # handed out as read-only, never changed after
 
 
 _last = _Memo()
 
 
-def _same_windows(a: tuple[WindowState, ...], b: tuple[WindowState, ...]) -> bool:
-    if len(a) != len(b):
-        return False
-    # A plain loop rather than all(...): the generator would cost more than the compares.
-    for one, other in zip(a, b, strict=True):  # noqa: SIM110
-        if one.window is not other.window:
-            return False
-    return True
+def ratelimit_headers(outcome: QuotaOutcome, now: float) -> Mapping[str, str]:
+    """Headers for every authenticated response; nothing when the tier has no quota.
 
-
-def ratelimit_headers(outcome: QuotaOutcome, now: float) -> dict[str, str]:
-    """Headers for every authenticated response; nothing when the tier has no quota."""
+    Read-only (the type says so; a caller adding its own headers makes a dict of them first):
+    a repeated outcome shares its headers with the last answer, and aiohttp copies them into
+    each response anyway. A plain dict rather than a read-only view, which aiohttp would copy
+    field by field instead of as a dict."""
     windows = outcome.windows
     if not windows:
         return {}
@@ -104,22 +101,28 @@ def ratelimit_headers(outcome: QuotaOutcome, now: float) -> dict[str, str]:
     # Below one second the reset is counted in milliseconds, a new value every call.
     same_second = reset >= 1 and reset_s == last.reset_s and window is last.tight
     if same_second and outcome is last.outcome:
-        return dict(last.headers)
-    remaining = str(math.floor(tight.remaining + 1e-9))
+        return last.headers
+    # WindowState.remaining, written out: this runs for every authenticated answer.
+    remaining = str(math.floor(max(window.limit - tight.used, 0.0) + 1e-9))
     previous = last.outcome
-    if same_second and previous is not None and _same_windows(windows, previous.windows):
-        headers = dict(last.headers)
-        headers["x-ratelimit-remaining-requests"] = remaining
-        headers["RateLimit"] = f'"{window_name(window.period)}";r={remaining};t={reset_s}'
-        last.outcome, last.state, last.headers = outcome, tight, headers
-        return dict(headers)
+    if same_second and previous is not None and len(windows) == len(previous.windows):
+        for one, other in zip(windows, previous.windows, strict=True):
+            if one.window is not other.window:
+                break
+        else:
+            headers = last.headers.copy()
+            headers["x-ratelimit-remaining-requests"] = remaining
+            headers["RateLimit"] = f"{last.named}{remaining};t={reset_s}"
+            last.outcome, last.state, last.headers = outcome, tight, headers
+            return headers
+    named = f'"{window_name(window.period)}";r='
     headers = {
         "x-ratelimit-limit-requests": str(math.floor(window.limit)),
         "x-ratelimit-remaining-requests": remaining,
         "x-ratelimit-reset-requests": openai_duration(reset),
         "RateLimit-Policy": _policy_field(windows),
-        "RateLimit": f'"{window_name(window.period)}";r={remaining};t={reset_s}',
+        "RateLimit": f"{named}{remaining};t={reset_s}",
     }
     last.outcome, last.state, last.tight, last.reset_s = outcome, tight, window, reset_s
-    last.headers = headers
-    return dict(headers)
+    last.named, last.headers = named, headers
+    return headers
