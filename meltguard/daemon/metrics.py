@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from meltguard.daemon.bulk_histogram import BulkHistogram
 from meltguard.daemon.catalog import BY_NAME, PREFIX, MetricSpec
 from meltguard.daemon.loop_turn import EndOfTurn
 
@@ -103,7 +104,11 @@ class Metrics:
         registry.register(_Pending(self.flush))
         self.decisions = _counter("admission_decisions", registry)
         self.requests = _counter("requests", registry)
-        self.queue_wait = _histogram("queue_wait_seconds", registry)
+        # Bucket counts of its own: a flood of admissions waits the same zero seconds, and a
+        # loop turn's are added in one step (see bulk_histogram).
+        wait = _spec("queue_wait_seconds")
+        self.queue_wait = BulkHistogram(wait.full_name, wait.help, wait.labels, wait.buckets)
+        registry.register(self.queue_wait)
         self.generation = _histogram("generation_seconds", registry)
         self.images = _counter("images_generated", registry)
         self.policy_reloads = _counter("policy_reloads", registry)
@@ -114,10 +119,9 @@ class Metrics:
         # fixed vocabularies (decisions, reasons, status codes), so these stay small.
         self._decided: dict[tuple[str, str, str], Counter] = {}
         self._requests: dict[tuple[str, int], Counter] = {}
-        self._waits: dict[str, Histogram] = {}
         self._pending_decided: dict[tuple[str, str, str], int] = {}
         self._pending_requests: dict[tuple[str, int], int] = {}
-        self._pending_waits: list[tuple[str, float]] = []
+        self._pending_waits: dict[tuple[str, float], int] = {}  # (tier, seconds) -> count
         self._end_of_turn = EndOfTurn(self.flush)
 
     def decided(self, tier: str, decision: str, reason: str,
@@ -128,7 +132,9 @@ class Metrics:
         key = (tier, decision, reason)
         pending[key] = pending.get(key, 0) + 1
         if waited is not None:
-            self._pending_waits.append((tier, waited))
+            waits = self._pending_waits
+            wait_key = (tier, waited)
+            waits[wait_key] = waits.get(wait_key, 0) + 1
         self._end_of_turn.request()
 
     def request_done(self, tier: str, status: int) -> None:
@@ -138,7 +144,8 @@ class Metrics:
         self._end_of_turn.request()
 
     def waited(self, tier: str, seconds: float) -> None:
-        self._pending_waits.append((tier, seconds))
+        waits = self._pending_waits
+        waits[(tier, seconds)] = waits.get((tier, seconds), 0) + 1
         self._end_of_turn.request()
 
     def flush(self) -> None:
@@ -159,12 +166,10 @@ class Metrics:
                         tier, str(status))
                 counter.inc(count)
         if self._pending_waits:
-            waits, self._pending_waits = self._pending_waits, []
-            for tier, seconds in waits:
-                histogram = self._waits.get(tier)
-                if histogram is None:
-                    histogram = self._waits[tier] = self.queue_wait.labels(tier)
-                histogram.observe(seconds)
+            waits, self._pending_waits = self._pending_waits, {}
+            add = self.queue_wait.add
+            for (tier, seconds), count in waits.items():
+                add((tier,), seconds, count)
 
     def prime(self, tiers: Iterable[str], model: str, store: str) -> None:
         """Create zero-valued series up front so dashboards and rate() see them from the start."""
