@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -109,8 +108,9 @@ def _decision_logger(event: Decided) -> Any:
 class AdmissionEvents:
     """The daemon's event sink: `on_event` is what the gate calls."""
 
-    def __init__(self, metrics: Callable[[], Metrics | None]) -> None:
-        self._metrics = metrics  # read late: the app attaches its Metrics after the gate exists
+    def __init__(self) -> None:
+        # Attached by the app (Runtime.metrics) after the gate exists; until then, lines only.
+        self.metrics: Metrics | None = None
         self._pending: list[tuple[contextvars.Context, Event]] = []
         self._end_of_turn = EndOfTurn(self._apply_pending)
 
@@ -127,7 +127,7 @@ class AdmissionEvents:
         self._end_of_turn.request()
 
     def _count(self, event: Decided) -> None:
-        metrics = self._metrics()
+        metrics = self.metrics
         if metrics is None:
             return
         # An admission's stay in the queue, zero when a slot was free (see events.py).
@@ -144,7 +144,7 @@ class AdmissionEvents:
                 _log.exception("admission event hook failed for %r", event)
 
     def _apply(self, event: Event) -> None:
-        metrics = self._metrics()
+        metrics = self.metrics
         if isinstance(event, Decided):
             self._count(event)
             _decision_logger(event).info("admission.decided")

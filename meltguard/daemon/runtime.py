@@ -49,11 +49,20 @@ class Runtime:
         self._idle = asyncio.Event()
         self._idle.set()
         self.images = ImageFiles(settings.url_ttl)
-        self.metrics: Metrics | None = None
-        self.events = events if events is not None else AdmissionEvents(lambda: self.metrics)
+        self.events = events if events is not None else AdmissionEvents()
+        self.metrics = None  # the app attaches its Metrics (see the property)
         self.on_policy_change: Callable[[Policy], None] = lambda policy: None
         self.rejected_sha256: str | None = None  # a bad file is reported once, not every poll
         self.started_at = clock.monotonic()
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return self.events.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics | None) -> None:
+        # Held by the event sink, which the gate calls on every decision.
+        self.events.metrics = metrics
 
     # -- in-flight accounting (drain on SIGTERM) -------------------------------------------
 

@@ -152,16 +152,14 @@ def assemble(
             raise StartupError(str(exc)) from None
     holder["engine"] = engine
 
-    runtime_ref: list[Runtime] = []
     # The gate calls the event sink itself, not through the runtime: one call per event.
-    events = AdmissionEvents(lambda: runtime_ref[0].metrics if runtime_ref else None)
+    events = AdmissionEvents()
     try:
         gate = make_gate(settings.strategy, loaded.policy, store, clock, on_event=events.on_event)
     except ValueError as exc:
         raise StartupError(f"--strategy {settings.strategy}: {exc}") from None
     runtime = Runtime(settings, clock=clock, engine=engine, gate=gate, loaded=loaded,
                       events=events)
-    runtime_ref.append(runtime)
     holder["runtime"] = runtime
     runtime.telemetry_kind = source.kind
     runtime.telemetry_note = note
