@@ -197,8 +197,9 @@ def _account(
 ) -> None:
     caller = request.get(CALLER)
     path = request.path
-    if runtime.metrics is not None and path.startswith("/v1/"):
-        runtime.metrics.request_done(caller.tier if caller else "none", status)
+    metrics = runtime.metrics
+    if metrics is not None and path.startswith("/v1/"):
+        metrics.request_done(caller.tier if caller else "none", status)
     line.write(request.method, path, status, caller,
                round((time.perf_counter() - started) * 1000, 2))
 

@@ -58,11 +58,34 @@ def _body(message: str, param: str | None, code: ErrorCode) -> bytes:
     return body
 
 
+class _Answered:
+    """The last error answered, with the rate-limit headers it came with, and its response's
+    fields. A flood of refusals answers one error object (see the gate's refusal memory) with
+    one headers mapping (see ratelimit_headers) again and again: its fields are built once.
+    Errors are not changed once raised or returned, nor rate-limit headers once handed out
+    (the mapping is read-only), so the objects' identities name them."""
+
+    __slots__ = ("body", "error", "extra", "headers", "status")
+
+    def __init__(self) -> None:
+        self.error: ServiceError | None = None
+        self.extra: Mapping[str, str] | None = None
+        self.status = 500
+        self.headers: dict[str, str] = {}  # handed to aiohttp, which copies it
+        self.body = b""
+
+
+_last = _Answered()
+
+
 def error_response(
     error: ServiceError, extra_headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """The error in OpenAI's shape; `extra_headers` (rate-limit fields) are added in the same
     step, since a refusal under a flood is answered as often as anything the daemon does."""
+    last = _last
+    if error is last.error and extra_headers is last.extra:
+        return web.Response(status=last.status, body=last.body, headers=last.headers)
     status = error.status or _STATUS[error.code][0]
     headers = dict(extra_headers) if extra_headers else {}
     retry_after = error.retry_after
@@ -71,8 +94,10 @@ def error_response(
     if error.should_retry is not None:
         headers["x-should-retry"] = "true" if error.should_retry else "false"
     headers["Content-Type"] = _JSON
-    return web.Response(status=status, body=_body(error.message, error.param, error.code),
-                        headers=headers)
+    body = _body(error.message, error.param, error.code)
+    last.error, last.extra, last.status, last.headers, last.body = (
+        error, extra_headers, status, headers, body)
+    return web.Response(status=status, body=body, headers=headers)
 
 
 @functools.lru_cache(maxsize=256)
