@@ -422,7 +422,9 @@ class Gate:
             would = would or err
 
         cost = cost_of(job, policy)
-        windows = self._windows(tenant, eff, level)
+        windows = self._windows_cache.get((tenant, eff.name, level))
+        if windows is None:
+            windows = self._windows(tenant, eff, level)
         quota: QuotaOutcome | None = _NO_QUOTA
         charged, charged_at, fail_open = 0.0, 0.0, False
         if windows:

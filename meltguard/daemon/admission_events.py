@@ -118,8 +118,13 @@ class AdmissionEvents:
         if isinstance(event, Decided):
             line = _CURRENT.get()
             if line is not None and line.decided is None:
-                self._count(event)
+                # The request's line reports it; the series are counted now (_count, inline:
+                # this runs for every decision).
                 line.decided = event
+                metrics = self.metrics
+                if metrics is not None:
+                    metrics.decided(event.tier, event.decision, event.reason,
+                                    None if event.decision == "reject" else event.wait_s)
                 return
         elif isinstance(event, Settled) and not event.refunded:
             return  # a success without a refund says nothing a series or a line reports
