@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+
+from meltguard.values import QuotaOutcome
 
 
 class ErrorCode(StrEnum):
+    """What a client is told went wrong: the `code` of OpenAI's error body, and the `reason`
+    label in metrics and on the `admission.decided` line. Stable: clients and alerts match on
+    these strings. The HTTP status of each is chosen in daemon/errors.py alone."""
+
     INVALID_REQUEST = "invalid_request_error"
     INVALID_API_KEY = "invalid_api_key"
     PERMISSION_DENIED = "permission_denied"
@@ -15,8 +22,8 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     REQUEST_TIMEOUT = "request_timeout"
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
-    DAILY_QUOTA_EXCEEDED = "daily_quota_exceeded"
-    SERVER_OVERLOADED = "server_overloaded"
+    DAILY_QUOTA_EXCEEDED = "daily_quota_exceeded"  # a window of a day or longer: don't retry
+    SERVER_OVERLOADED = "server_overloaded"  # shed for GPU pressure: policy.overload_status
     QUEUE_TIMEOUT = "queue_timeout"
     GPU_OUT_OF_MEMORY = "gpu_out_of_memory"
     QUOTA_STORE_UNAVAILABLE = "quota_store_unavailable"
@@ -25,8 +32,37 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+RETRY_AFTER_MIN = 1.0
+RETRY_AFTER_MAX = 60.0  # the openai SDK ignores a longer Retry-After and retries at once
+
+
+def clamp_retry(seconds: float) -> float:
+    """Every Retry-After lies in [1, 60] s."""
+    if math.isnan(seconds):
+        return RETRY_AFTER_MIN
+    return min(max(seconds, RETRY_AFTER_MIN), RETRY_AFTER_MAX)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A request refused: an answer, returned as a value by the admission gate.
+    `retry_after` is seconds; `quota` the caller's windows when the store answered, for the
+    rate-limit headers."""
+
+    code: ErrorCode
+    message: str
+    retry_after: float | None = None
+    param: str | None = None
+    quota: QuotaOutcome | None = None
+
+    def error(self) -> ServiceError:
+        """The same refusal as an exception, for code paths that raise."""
+        return ServiceError(self.code, self.message, param=self.param,
+                            retry_after=self.retry_after, quota=self.quota)
+
+
 class ServiceError(Exception):
-    """An outcome a client is told about. `retry_after` is seconds (capped when rendered)."""
+    """An outcome a client is told about, raised where a handler cannot go on."""
 
     def __init__(
         self,
@@ -35,18 +71,18 @@ class ServiceError(Exception):
         *,
         param: str | None = None,
         retry_after: float | None = None,
-        should_retry: bool | None = None,
-        status: int | None = None,
-        quota: Any = None,
+        quota: QuotaOutcome | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.retry_after = retry_after
-        self.should_retry = should_retry
-        self.status = status  # overrides the default status for the code (overload_status)
-        self.quota = quota  # a values.QuotaOutcome when known, for the rate-limit headers
+        self.quota = quota
+
+    @property
+    def refused(self) -> Refused:
+        return Refused(self.code, self.message, self.retry_after, self.param, self.quota)
 
 
 def invalid(param: str | None, message: str) -> ServiceError:

@@ -2,48 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 _SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
 
-_T = TypeVar("_T")
 
-
-def fast_init(cls: type[_T]) -> type[_T]:
-    """Give a frozen, slotted dataclass an `__init__` that stores each field straight into its
-    slot. The generated one goes through `object.__setattr__` once per field, since the
-    class's own `__setattr__` refuses; for the values made on every request (a job, a quota
-    outcome and its windows, a decision) that was a tenth of an admission's cost. The class is
-    otherwise untouched: still frozen, same signature, defaults, eq, hash and repr.
-
-    Apply it outside `@dataclass(frozen=True, slots=True)`; fields with a default_factory,
-    keyword-only fields and `__post_init__` are refused, since this init would skip them."""
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    if hasattr(cls, "__post_init__") or not hasattr(cls, "__slots__"):
-        raise TypeError(f"fast_init: {cls.__name__} has __post_init__ or no slots")
-    namespace: dict[str, Any] = {}
-    params = []
-    for spec in fields:
-        if spec.default_factory is not dataclasses.MISSING or spec.kw_only or not spec.init:
-            raise TypeError(f"fast_init: {cls.__name__}.{spec.name} is not a plain field")
-        namespace[f"_set_{spec.name}"] = getattr(cls, spec.name).__set__
-        if spec.default is dataclasses.MISSING:
-            params.append(spec.name)
-        else:
-            namespace[f"_default_{spec.name}"] = spec.default
-            params.append(f"{spec.name}=_default_{spec.name}")
-    body = "".join(f"    _set_{spec.name}(self, {spec.name})\n" for spec in fields) or "    pass\n"
-    exec(f"def __init__(self, {', '.join(params)}):\n{body}", namespace)
-    init = namespace["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    cls.__init__ = init  # type: ignore[method-assign]
-    return cls
-
-
-@fast_init
 @dataclass(frozen=True, slots=True, order=True)
 class Size:
     width: int
@@ -68,7 +32,6 @@ class Size:
         return f"{self.width}x{self.height}"
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class GenerationJob:
     """One request's work as the engine sees it, after admission (possibly degraded)."""
@@ -154,7 +117,6 @@ class QuotaWindow:
         return (self.window_id(now) + 1) * self.period
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class WindowState:
     window: QuotaWindow
@@ -166,7 +128,6 @@ class WindowState:
         return max(self.window.limit - self.used, 0.0)
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class QuotaOutcome:
     """Result of one atomic consume or peek over all windows of a tenant."""

@@ -19,10 +19,6 @@ it a byte-by-byte search (it cannot steer the bytes of a SHA-256), and on top of
   every path, hit or miss, for any number of keys.
 
 What stays observable is whether the key was accepted, which the status code says anyway.
-That is also all an accepted header's shortcut reveals: the last `REMEMBERED` headers that were
-accepted are looked up by the exact header string before any hashing, a dict probe whose slot
-depends on Python's per-process salted string hash (a secret of this process), and which can
-only hit for a key the status code would have called valid.
 Unknown keys and malformed headers get one and the same 401, which never echoes the key.
 
 A request without the header is served on `policy.anonymous_tier` as tenant
@@ -63,16 +59,13 @@ class Caller:
 
 # Up to this many keys a full constant-time scan is cheaper than computing the keyed tag.
 SCAN_MAX = 8
-# Accepted Authorization headers remembered per KeyRing: a busy client presents the same one
-# on every request, so its hash and scan run once.
-REMEMBERED = 1024
 
 
 class KeyRing:
     """The policy's keys in the form a lookup needs; build one per policy version."""
 
-    __slots__ = ("_accepted", "_admin", "_anonymous_tier", "_decoy", "_entries", "_policy",
-                 "_secret", "_tagged")
+    __slots__ = ("_admin", "_anonymous_tier", "_decoy", "_entries", "_policy", "_secret",
+                 "_tagged")
 
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
@@ -90,7 +83,6 @@ class KeyRing:
         self._decoy = secrets.token_bytes(32)
         admin = policy.admin_key_sha256
         self._admin = bytes.fromhex(admin) if admin is not None else None
-        self._accepted: dict[str, Caller] = {}
 
     def _tag(self, digest: bytes) -> bytes:
         return hashlib.blake2b(digest, digest_size=16, key=self._secret).digest()
@@ -104,14 +96,7 @@ class KeyRing:
             not self._entries and self._anonymous_tier is not None
         ):
             return self._anonymous(client_id)
-        known = self._accepted.get(authorization_header)
-        if known is not None:
-            return known
-        found = self._check(authorization_header)
-        if len(self._accepted) >= REMEMBERED:
-            self._accepted.clear()
-        self._accepted[authorization_header] = found
-        return found
+        return self._check(authorization_header)
 
     def _check(self, authorization_header: str) -> Caller:
         key = _bearer_token(authorization_header)
@@ -154,16 +139,3 @@ def _bearer_token(header: str) -> str | None:
     if len(parts) != 2 or parts[0].lower() != "bearer":
         return None
     return parts[1]
-
-
-_last_ring: KeyRing | None = None
-
-
-def authenticate(policy: Policy, authorization_header: str | None, client_id: str) -> Caller:
-    """Module-level convenience; reuses the KeyRing while the same policy object is passed."""
-    global _last_ring
-    ring = _last_ring
-    if ring is None or ring.policy is not policy:
-        ring = KeyRing(policy)
-        _last_ring = ring
-    return ring.authenticate(authorization_header, client_id)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from meltguard.admission.policy import Level
-from meltguard.values import fast_init
 
 Decision = Literal["admit", "degrade", "queue", "reject", "would_reject", "would_degrade"]
 Outcome = Literal["success", "dropped", "ignored", "failed"]
@@ -38,7 +37,6 @@ REASON_OK = "ok"
 REASON_FAIL_OPEN = "fail_open"
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Decided:
     tier: str

@@ -1,61 +1,42 @@
 """The admission gate: every image request passes here before it may touch the GPU.
 
-`Gate.admit(caller, ask)` decides, in this order, and stops at the first refusal:
+`Gate.decide(caller, ask)` runs four steps and stops at the first refusal:
 
-1. validate the ask against `policy.limits` (400 `invalid_request_error`);
-2. degrade it to what the caller's tier may do at the current pressure level;
-3. shed the tier if the level says `reject` (`server_overloaded`, `policy.overload_status`,
-   Retry-After = queue drain estimate + cooling ETA);
-4. charge its cost (reference images) to every quota window of the tier, each limit scaled
-   by the level's quota_factor, in one atomic `store.consume` (`rate_limit_exceeded`, or
-   `daily_quota_exceeded` with should_retry=False when the window is a day or longer);
-5. refuse at once when the estimated queue wait exceeds the tier's max_queue_wait
-   (`server_overloaded`), else wait for a slot up to max_queue_wait (`queue_timeout`); both
-   refund the quota charged in step 4.
+1. shape: validate the ask against `policy.limits` (`invalid_request_error`) and degrade it to
+   what the caller's tier may do at the current pressure level;
+2. shed: refuse the tier if the level says `reject` (`server_overloaded`);
+3. charge: charge its cost (reference images) to every quota window of the tier, in one
+   atomic `store.consume` under a charge id of its own (`rate_limit_exceeded`, or
+   `daily_quota_exceeded` when the window is a day or longer); a store that fails is the
+   policy's call (`on_store_error`: `open` admits, `closed` answers `quota_store_unavailable`);
+4. queue: refuse at once when the estimated wait exceeds the tier's max_queue_wait
+   (`server_overloaded`), else wait for a slot up to it (`queue_timeout`).
 
-A quota store that raises is the policy's call: `on_store_error: open` admits (and emits
-`StoreFailed` plus a `Decided` with reason `fail_open`), `closed` answers
-`quota_store_unavailable`. Every Retry-After is computed from the queue, the windows or the
-cooling estimate, and lies in [1, 60] s: the OpenAI SDK ignores longer ones.
+Shadow mode (`policy.mode: shadow`) runs every step, charging whatever the store accepts and
+waiting with no deadline or estimate, then admits the ask unchanged and reports what
+enforcement would have done (`would_reject` with the first refusal, `would_degrade`).
 
-Shadow mode (`policy.mode: shadow`) runs every step and reports what enforcement would do
-(`would_reject` with the first refusal's code, `would_degrade`), but admits the ask unchanged:
-quota is charged whenever the store accepts it, and the request waits for a slot with no
-deadline and no estimate-based refusal.
-
-The permit must be settled exactly once; the pattern for the daemon is
-
-    permit = await gate.admit(caller, ask)      # raises ServiceError when refused
-    async with permit:                          # settles on the way out
-        images = await engine.generate(permit.job)
-
-Leaving the block normally settles `success` with the time spent inside it (call
-`permit.settle("success", seconds=...)` inside the block to report the engine's own timing);
-an exception settles through `outcome_of` (by default: CancelledError -> `ignored`,
-ServiceError(gpu_out_of_memory) -> `dropped`, anything else -> `failed`; the daemon passes an
-`outcome_of` that also knows `inference.errors.EngineOutOfMemory`). Only `success` keeps the
-charge; the others refund it. `settle` is synchronous, so it is safe in a `finally` during
-cancellation: the slot is released at once and the refund runs as a task the gate tracks;
-`await gate.drain()` waits for those at shutdown.
+Every charge is refunded, under its own id, unless its permit settles `success`: a refusal
+after the charge, a client that leaves in the queue or while the store call is in flight, a
+failed or dropped generation. The store's ids make each refund count once, and a refund that
+reaches the store before its charge void it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import random
-import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 
+from meltguard.admission import refusals
 from meltguard.admission.auth import INCORRECT_KEY_MESSAGE, Caller, KeyRing
 from meltguard.admission.cost import DEFAULT_SEED_BITS, ImageAsk, cost_of, degrade, validate
 from meltguard.admission.events import (
-    OUTCOMES,
     REASON_FAIL_OPEN,
     REASON_OK,
     Decided,
@@ -67,37 +48,17 @@ from meltguard.admission.events import (
     StoreFailed,
     Waited,
 )
+from meltguard.admission.permit import Permit, default_outcome_of
 from meltguard.admission.policy import EffectiveTier, Level, Policy
 from meltguard.admission.scheduler import CallLater, QueueTimeout, Scheduler, Shed, Slot
-from meltguard.errors import ErrorCode, ServiceError
+from meltguard.admission.strategy import GateSnapshot
+from meltguard.errors import RETRY_AFTER_MAX, ErrorCode, Refused, ServiceError, clamp_retry
 from meltguard.protocols import Clock, QuotaStore
-from meltguard.values import GenerationJob, QuotaOutcome, QuotaWindow, WindowState
+from meltguard.values import GenerationJob, QuotaOutcome, QuotaWindow
+
+__all__ = ["Charge", "Gate", "Permit", "quota_windows", "window_key"]
 
 _log = logging.getLogger(__name__)
-
-RETRY_AFTER_MIN = 1.0
-RETRY_AFTER_MAX = 60.0  # the openai SDK ignores a longer Retry-After and retries at once
-DAY = 86_400.0
-_WINDOWS_CACHED = 4096
-_NO_QUOTA = QuotaOutcome(True, ())
-# How long a quota refusal is answered again without asking the store. Usage only grows
-# between refunds, and this gate's own refunds forget the refusal at once; a refund made by
-# another daemon sharing the store is seen within this time.
-REFUSAL_MEMORY = 1.0
-
-
-def clamp_retry(seconds: float) -> float:
-    if math.isnan(seconds):
-        return RETRY_AFTER_MIN
-    return min(max(seconds, RETRY_AFTER_MIN), RETRY_AFTER_MAX)
-
-
-def default_outcome_of(exc: BaseException) -> Outcome:
-    if isinstance(exc, asyncio.CancelledError):
-        return "ignored"
-    if isinstance(exc, ServiceError) and exc.code == ErrorCode.GPU_OUT_OF_MEMORY:
-        return "dropped"
-    return "failed"
 
 
 def window_key(tenant: str, period: float) -> str:
@@ -115,124 +76,37 @@ def quota_windows(tenant: str, eff: EffectiveTier) -> tuple[QuotaWindow, ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Refusal:
-    """A tenant's last quota refusal: the same cost is refused again, in the same words,
-    until `until` (the wall clock), as long as the tier's effective rules are the same object
-    (same policy, tier and level)."""
+class Charge:
+    """One request's quota charge, as a refund needs it."""
 
-    eff: EffectiveTier
-    ask: ImageAsk  # as the client sent it: the same ask again skips validation too
+    windows: tuple[QuotaWindow, ...]
     cost: float
-    until: float
-    reset_at: float  # when the binding window resets: Retry-After counts down to it
-    error: ServiceError
-    decided: Decided  # an event is a value: the same refusal reports the same one again
-
-    def again(self, now: float) -> ServiceError:
-        first = self.error
-        # clamp_retry, inlined: the reset is in the future, so never NaN.
-        wait = min(max(self.reset_at - now, RETRY_AFTER_MIN), RETRY_AFTER_MAX)
-        if wait == first.retry_after:
-            # A refusal is returned as a value (see Gate.decide), so one error can answer
-            # them all: a daily window far from its reset always says the 60 s cap.
-            return first
-        return ServiceError(first.code, first.message, retry_after=wait,
-                            should_retry=first.should_retry, quota=first.quota)
+    at: float  # the store's clock at the charge: a refund goes to the windows current then
+    charge_id: str
+    confirmed: bool = True  # False: the store failed to answer, so it may or may not have landed
 
 
-@dataclass(frozen=True, slots=True)
-class GateSnapshot:
+@dataclass(slots=True)
+class _Ask:
+    """One decision in progress: what the steps found so far."""
+
+    caller: Caller
+    eff: EffectiveTier
     level: Level
-    cooling_eta: float
-    mode: str
-    concurrency_limit: int
-    queue_depth: Mapping[str, int]
-    inflight: Mapping[str, int]
-    quota_factor: Mapping[str, float]
-    max_queue_wait: Mapping[str, float]
-    service_seconds_per_cost: float | None
-
-
-class Permit:
-    """Leave to run one job. Settle it once: `success`, `dropped` (GPU out of memory),
-    `ignored` (client left) or `failed`; a second settle does nothing."""
-
-    __slots__ = (
-        "_entered_at", "_gate", "_outcome", "_slot", "_windows", "caller", "charged",
-        "charged_at", "cost", "degraded", "job", "quota", "waited",
-    )
-
-    def __init__(
-        self,
-        gate: Gate,
-        caller: Caller,
-        job: GenerationJob,
-        degraded: tuple[str, ...],
-        cost: float,
-        waited: float,
-        quota: QuotaOutcome | None,
-        slot: Slot,
-        windows: tuple[QuotaWindow, ...],
-        charged: float,
-        charged_at: float,
-    ) -> None:
-        self._gate = gate
-        self.caller = caller
-        self.job = job
-        self.degraded = degraded
-        self.cost = cost
-        self.waited = waited
-        self.quota = quota  # None only when the store failed and the policy admitted anyway
-        self._slot = slot
-        self._windows = windows
-        self.charged = charged  # reference images charged to the quota; what a refund returns
-        self.charged_at = charged_at
-        self._outcome: Outcome | None = None
-        self._entered_at: float | None = None
-
-    @property
-    def tier(self) -> str:
-        return self.caller.tier
-
-    @property
-    def tenant(self) -> str:
-        return self.caller.tenant
-
-    @property
-    def outcome(self) -> Outcome | None:
-        return self._outcome
-
-    def settle(self, outcome: Outcome, seconds: float | None = None) -> None:
-        """Release the slot now; `seconds` (generation time) feeds the service-time estimate
-        on success. Refunds for the other outcomes run as tracked tasks (see Gate.drain)."""
-        if outcome not in OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
-        if self._outcome is not None:
-            return
-        self._outcome = outcome
-        self._gate._settle(self, outcome, seconds)
-
-    async def __aenter__(self) -> Permit:
-        self._entered_at = self._gate._clock.monotonic()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._outcome is not None:
-            return
-        if exc is None:
-            started = self._entered_at
-            seconds = None if started is None else self._gate._clock.monotonic() - started
-            self.settle("success", seconds)
-        else:
-            self.settle(self._gate._outcome_of(exc))
+    job: GenerationJob
+    changes: tuple[str, ...]
+    cost: float
+    would: Refused | None = None  # the first refusal; in shadow mode, what it would have been
+    charge: Charge | None = None  # None when nothing was (or may have been) charged
+    quota: QuotaOutcome | None = None
+    fail_open: bool = False
 
 
 class Gate:
+    """Owns the admission decision: the policy and its key ring, the pressure level, the
+    quota charges in the store (and their refunds), and the scheduler that hands out GPU
+    slots. It emits one `Decided` per decision and never touches HTTP or metrics."""
+
     def __init__(
         self,
         policy: Policy,
@@ -255,15 +129,6 @@ class Gate:
         self._cooling_eta = 0.0
         self._scheduler = Scheduler(policy, clock, call_later=call_later)
         self._tasks: set[asyncio.Task[None]] = set()
-        # What a decision reads that depends only on (policy, tier, level[, tenant]): built
-        # once, dropped with the policy.
-        self._effective_cache: dict[tuple[str, Level], EffectiveTier] = {}
-        self._windows_cache: dict[tuple[str, str, Level], tuple[QuotaWindow, ...]] = {}
-        self._quota_heads: dict[tuple[str, float, Level, float, float], str] = {}
-        self._refusals: dict[str, _Refusal] = {}
-        self._settled: dict[tuple[str, Outcome], Settled] = {}
-        self._admitted: dict[str, Decided] = {}
-        self._reference_note = _reference_note(policy)
 
     # -- configuration and readings ------------------------------------------------------------
 
@@ -279,17 +144,20 @@ class Gate:
     def scheduler(self) -> Scheduler:
         return self._scheduler
 
+    @property
+    def store_name(self) -> str:
+        return self._store.name
+
+    @property
+    def overload_status(self) -> int:
+        return self._policy.overload_status
+
     def set_policy(self, policy: Policy) -> None:
         """Live reload. Quota counts live in the store, and queued waiters and in-flight
         permits stay where they are; new limits apply to decisions made from now on, except
         that waiters of a tier the new policy sheds at the current level are shed."""
         self._policy = policy
         self._keyring = KeyRing(policy)
-        self._effective_cache = {}
-        self._windows_cache = {}
-        self._quota_heads = {}
-        self._refusals = {}
-        self._reference_note = _reference_note(policy)
         self._scheduler.set_policy(policy)
         self._shed_queued()
 
@@ -299,9 +167,8 @@ class Gate:
         otherwise still run on it (and its quota is refunded)."""
         changed = level != self._level
         self._level = level
-        self._cooling_eta = max(cooling_eta, 0.0) if math.isfinite(cooling_eta) else (
-            RETRY_AFTER_MAX
-        )
+        self._cooling_eta = (max(cooling_eta, 0.0) if math.isfinite(cooling_eta)
+                             else RETRY_AFTER_MAX)
         self._scheduler.set_level(level)
         if changed:
             self._shed_queued()
@@ -313,10 +180,6 @@ class Gate:
         for tier in policy.tiers:
             if policy.effective(tier, self._level).reject:
                 self._scheduler.shed(tier)
-
-    @property
-    def store_name(self) -> str:
-        return self._store.name
 
     def authenticate(self, authorization_header: str | None, client_id: str) -> Caller:
         return self._keyring.authenticate(authorization_header, client_id)
@@ -352,14 +215,17 @@ class Gate:
     async def quota_status(self, caller: Caller) -> QuotaOutcome:
         """The caller's windows as they stand (limits scaled by the current quota_factor),
         without charging. Raises QUOTA_STORE_UNAVAILABLE when the store fails."""
-        windows = quota_windows(caller.tenant, self._effective(caller))
+        eff = self._effective(caller)
+        if isinstance(eff, Refused):
+            raise eff.error()
+        windows = quota_windows(caller.tenant, eff)
         if not windows:
             return QuotaOutcome(True, ())
         try:
             return await self._store.peek(windows, self._clock.wall())
         except Exception as exc:
             self._store_failed(exc)
-            raise self._store_unavailable() from exc
+            raise refusals.store_unavailable(self._rng.random()).error() from exc
 
     async def drain(self) -> None:
         """Wait for every outstanding refund (call at shutdown, after the last settle)."""
@@ -370,353 +236,218 @@ class Gate:
 
     async def admit(self, caller: Caller, ask: ImageAsk) -> Permit:
         """A permit, or the refusal raised as a ServiceError."""
-        decision = await self.decide(caller, ask)
-        if isinstance(decision, ServiceError):
-            # One refusal may answer many requests: raise it without the last raise's frames.
-            raise decision.with_traceback(None)
-        return decision
+        decided = await self.decide(caller, ask)
+        if isinstance(decided, Refused):
+            raise decided.error()
+        return decided
 
-    async def decide(self, caller: Caller, ask: ImageAsk) -> Permit | ServiceError:
-        """A permit, or the refusal returned rather than raised: a refusal is an answer, not a
-        fault, and the daemon answers floods of them. Raised, each would carry a traceback
-        through every frame it crossed, and that traceback the frames whose locals hold the
-        refusal: a reference cycle per refused request, left to the garbage collector."""
-        policy, level = self._policy, self._level
-        shadow = policy.mode == "shadow"
-        tier, tenant = caller.tier, caller.tenant
-        eff = self._effective_cache.get((tier, level))
-        if eff is None:
-            try:
-                eff = self._effective(caller)
-            except ServiceError as gone:  # the caller's tier vanished in a reload
-                return gone.with_traceback(None)
-        refused = self._refusals.get(tenant)
-        if refused is not None and refused.ask == ask and not shadow:
-            # A client retrying the same request in a loop after its quota ran out.
-            now = self._clock.wall()
-            if refused.eff is eff and now < refused.until:
-                self._emit(refused.decided)
-                return refused.again(now)
+    async def decide(self, caller: Caller, ask: ImageAsk) -> Permit | Refused:
+        """A permit to run the (possibly degraded) job, or the refusal."""
+        level = self._level
+        shaped = self._shape(caller, ask, level)
+        if isinstance(shaped, Refused):
+            return self._reject(caller, level, shaped)
+        shadow = self._policy.mode == "shadow"
+        shaped.would = self._shed(shaped)
+        if shaped.would is None or shadow:
+            await self._charge(shaped, shadow)
+        slot: Slot | None = None
+        if shaped.would is None or shadow:
+            slot = await self._queue(shaped, shadow)
+        if slot is None or (shaped.would is not None and not shadow):
+            assert shaped.would is not None  # the queue step hands out no slot only with one
+            return self._reject(caller, shaped.level, shaped.would, shaped)
+        return self._grant(shaped, slot, shadow)
 
+    def _shape(self, caller: Caller, ask: ImageAsk, level: Level) -> _Ask | Refused:
+        """Validate the ask and degrade it for the tier at this level."""
+        eff = self._effective(caller)
+        if isinstance(eff, Refused):
+            return eff
+        policy = self._policy
+        seed = self._rng.getrandbits(DEFAULT_SEED_BITS) if ask.seed is None else None
         try:
-            asked = validate(
-                ask, policy,
-                default_seed=self._rng.getrandbits(DEFAULT_SEED_BITS) if ask.seed is None else None,
-            )
+            asked = validate(ask, policy, default_seed=seed)
         except ServiceError as bad:
-            return self._refused(caller, level, bad.with_traceback(None))
-        degraded_job, changes = degrade(asked, eff)
-        job = asked if shadow else degraded_job
-        # Shadow mode: the first refusal enforcement would have answered.
-        would: ServiceError | None = None
+            return bad.refused
+        degraded, changes = degrade(asked, eff)
+        job = asked if policy.mode == "shadow" else degraded
+        return _Ask(caller, eff, level, job, changes, cost_of(job, policy))
 
-        if eff.reject:
-            err = ServiceError(
-                ErrorCode.SERVER_OVERLOADED,
-                f"The server is overloaded (GPU pressure: {level.label}) and is not taking "
-                f"{tier}-tier requests right now.",
-                retry_after=clamp_retry(self._scheduler.drain_estimate() + self._cooling_eta),
-                status=policy.overload_status,
-            )
-            if not shadow:
-                return self._refused(caller, level, err, degraded=changes)
-            would = would or err
+    def _shed(self, shaped: _Ask) -> Refused | None:
+        if not shaped.eff.reject:
+            return None
+        return refusals.shed(shaped.caller.tier, shaped.level, self._retry_after_cooling())
 
-        cost = cost_of(job, policy)
-        windows = self._windows_cache.get((tenant, eff.name, level))
-        if windows is None:
-            windows = self._windows(tenant, eff, level)
-        quota: QuotaOutcome | None = _NO_QUOTA
-        charged, charged_at, fail_open = 0.0, 0.0, False
-        if windows:
-            now = self._clock.wall()
-            if (refused is not None and refused.eff is eff and refused.cost == cost
-                    and now < refused.until and not shadow):
-                # The same cost as a refusal a moment ago: answered without the store.
-                return self._refused(caller, level, refused.again(now), cost, changes)
-            charge_id = uuid.uuid4().hex
-            try:
-                quota = await self._store.consume(windows, cost, now, charge_id=charge_id)
-            except Exception as exc:  # any store failure: network, timeout, corruption, bug
-                self._store_failed(exc)
-                quota = None
-                if policy.on_store_error == "closed":
-                    err = self._store_unavailable()
-                    if not shadow:
-                        return self._refused(caller, level, err, cost, changes)
-                    would = would or err
-                else:
-                    fail_open = True
+    async def _charge(self, shaped: _Ask, shadow: bool) -> None:
+        """Charge the cost to the tier's windows. Cancellation-safe: a client that leaves
+        while the store call is in flight has its charge voided by id (the call may have
+        landed or not), in a refund task `drain()` awaits."""
+        windows = quota_windows(shaped.caller.tenant, shaped.eff)
+        if not windows:
+            shaped.quota = QuotaOutcome(True, ())
+            return
+        now = self._clock.wall()
+        charge = Charge(windows, shaped.cost, now, uuid.uuid4().hex)
+        try:
+            quota = await self._store.consume(windows, shaped.cost, now,
+                                              charge_id=charge.charge_id)
+        except asyncio.CancelledError:
+            self._spawn_refund(charge)
+            raise
+        except Exception as exc:  # any store failure: network, timeout, corruption, bug
+            self._store_failed(exc)
+            if self._policy.on_store_error == "closed":
+                # Whatever reached the store is voided, now or when it comes back.
+                self._spawn_refund(charge)
+                shaped.would = shaped.would or refusals.store_unavailable(self._rng.random())
             else:
-                if quota.allowed:
-                    charged, charged_at = cost, quota.charged_at
-                else:
-                    err, reset_at = self._quota_error(quota, now, eff, cost)
-                    if not shadow:
-                        decided = Decided(tier, tenant, "reject", err.code.value, level, cost,
-                                          0.0, changes)
-                        self._remember_refusal(tenant, _Refusal(
-                            eff, ask, cost, min(now + REFUSAL_MEMORY, reset_at),
-                            reset_at, err, decided))
-                        self._emit(decided)
-                        return err
-                    would = would or err
-
-        scheduler = self._scheduler
-        # Nobody queued and a slot free: granted on the spot, without a waiter or a timer.
-        # That is exactly when the wait estimate is zero, so it is only made otherwise.
-        slot = scheduler.try_acquire(tier, tenant, cost)
-        estimate = None if slot is not None else scheduler.estimate_wait(tier, cost)
-        if estimate is not None and estimate > eff.max_queue_wait:
-            err = ServiceError(
-                ErrorCode.SERVER_OVERLOADED,
-                f"The server is overloaded: the estimated queue wait ({estimate:.0f} s) is "
-                f"longer than the {eff.max_queue_wait:g} s a {tier}-tier request may wait.",
-                retry_after=clamp_retry(estimate - eff.max_queue_wait),
-                status=policy.overload_status,
-            )
-            if not shadow:
-                await self._refund_now(tenant, windows, charged, charged_at)
-                return self._refused(caller, level, err, cost, changes)
-            would = would or err
-
-        if slot is None:
-            queued = await self._wait_for_slot(
-                caller, level, eff, cost, changes, shadow, windows, charged, charged_at
-            )
-            if isinstance(queued, ServiceError):
-                return queued
-            slot = queued
-        waited = slot.waited  # reported in the Decided below, as every admission's wait is
-        if shadow and would is None and waited > eff.max_queue_wait:
-            would = ServiceError(ErrorCode.QUEUE_TIMEOUT, "would have timed out in the queue")
-
-        reason = REASON_FAIL_OPEN if fail_open else REASON_OK
-        decision: Decision
-        if would is not None:
-            decision, reason = "would_reject", str(would.code)
-        elif shadow and changes:
-            decision = "would_degrade"
-        elif changes:
-            decision = "degrade"
-        elif waited > 0:
-            decision = "queue"
+                # Admitted uncounted. A charge that did land stays with the request, so one
+                # that ends without an image voids it by id like any other.
+                shaped.charge = Charge(windows, shaped.cost, now, charge.charge_id,
+                                       confirmed=False)
+                shaped.fail_open = True
+            return
+        if quota.allowed:
+            shaped.charge = Charge(windows, shaped.cost, quota.charged_at, charge.charge_id)
+            shaped.quota = quota
         else:
-            self._emit(self._admitted_at_once(tier, tenant, reason, level, cost))
-            return Permit(self, caller, job, (), cost, waited, quota, slot, windows, charged,
-                          charged_at)
-        self._emit(Decided(tier, tenant, decision, reason, level, cost, waited, changes))
-        return Permit(
-            self, caller, job, () if shadow else changes, cost, waited, quota, slot,
-            windows, charged, charged_at,
-        )
+            shaped.would = shaped.would or refusals.over_quota(
+                quota, now, shaped.eff, shaped.level, shaped.cost, self._policy)
 
-    async def _wait_for_slot(
-        self,
-        caller: Caller,
-        level: Level,
-        eff: EffectiveTier,
-        cost: float,
-        changes: tuple[str, ...],
-        shadow: bool,
-        windows: tuple[QuotaWindow, ...],
-        charged: float,
-        charged_at: float,
-    ) -> Slot | ServiceError:
-        tier = caller.tier
+    async def _queue(self, shaped: _Ask, shadow: bool) -> Slot | None:
+        """A GPU slot: at once when one is free, else after a wait within the tier's budget.
+        None when refused (`shaped.would` says why); the charge is then refunded before the
+        answer, so a client retrying at once finds its quota restored."""
+        tier, tenant = shaped.caller.tier, shaped.caller.tenant
+        eff, cost, scheduler = shaped.eff, shaped.cost, self._scheduler
+        slot = scheduler.try_acquire(tier, tenant, cost)
+        if slot is not None:
+            return slot
+        estimate = scheduler.estimate_wait(tier, cost)
+        if estimate is not None and estimate > eff.max_queue_wait:
+            too_long = refusals.queue_too_long(tier, estimate, eff.max_queue_wait)
+            if shadow:
+                shaped.would = shaped.would or too_long
+            else:
+                shaped.would = too_long
+                await self._refund_now(shaped)
+                return None
         entered = self._clock.monotonic()
         try:
-            return await self._scheduler.acquire(
-                tier, caller.tenant, cost, None if shadow else eff.max_queue_wait
-            )
+            return await scheduler.acquire(tier, tenant, cost,
+                                           None if shadow else eff.max_queue_wait)
         except Shed as exc:
             self._emit(Waited(tier, exc.waited))
-            await self._refund_now(caller.tenant, windows, charged, charged_at)
-            now_level = self._level
-            return self._refused(caller, now_level, ServiceError(
-                ErrorCode.SERVER_OVERLOADED,
-                f"The server is overloaded (GPU pressure: {now_level.label}) and stopped "
-                f"taking {tier}-tier requests while this one waited in the queue; nothing "
-                "was charged.",
-                retry_after=clamp_retry(self._scheduler.drain_estimate() + self._cooling_eta),
-                status=self._policy.overload_status,
-            ), cost, changes)
+            shaped.level = self._level
+            shaped.would = refusals.shed_while_queued(tier, shaped.level,
+                                                      self._retry_after_cooling())
         except QueueTimeout as exc:
             self._emit(Waited(tier, exc.waited))
-            await self._refund_now(caller.tenant, windows, charged, charged_at)
-            later = self._scheduler.estimate_wait(tier, cost)
-            return self._refused(caller, level, ServiceError(
-                ErrorCode.QUEUE_TIMEOUT,
-                f"No GPU slot came free within the {eff.max_queue_wait:g} s a {tier}-tier "
-                "request may wait in the queue.",
-                retry_after=clamp_retry(later if later is not None else exc.waited),
-            ), cost, changes)
+            later = scheduler.estimate_wait(tier, cost)
+            shaped.would = refusals.queue_timeout(
+                tier, eff.max_queue_wait, later if later is not None else exc.waited)
         except asyncio.CancelledError:
             # The client left while queued: nothing ran, so give the charge back.
             self._emit(Waited(tier, self._clock.monotonic() - entered))
-            self._spawn_refund(caller.tenant, windows, charged, charged_at)
-            self._emit(Settled(tier, "ignored", charged))
+            self._spawn_refund(shaped.charge)
+            self._emit(Settled(tier, "ignored", self._charged(shaped.charge)))
             raise
+        await self._refund_now(shaped)
+        return None
 
-    def _refused(
-        self,
-        caller: Caller,
-        level: Level,
-        err: ServiceError,
-        cost: float = 0.0,
-        degraded: tuple[str, ...] = (),
-    ) -> ServiceError:
-        self._emit(Decided(caller.tier, caller.tenant, "reject", err.code.value, level, cost, 0.0,
-                           degraded))
-        return err
+    def _grant(self, shaped: _Ask, slot: Slot, shadow: bool) -> Permit:
+        """The permit; shadow mode's verdict is applied here, once."""
+        waited = slot.waited
+        would = shaped.would
+        if shadow and would is None and waited > shaped.eff.max_queue_wait:
+            would = Refused(ErrorCode.QUEUE_TIMEOUT, "would have timed out in the queue")
+        decision: Decision
+        reason = REASON_FAIL_OPEN if shaped.fail_open else REASON_OK
+        if would is not None:
+            decision, reason = "would_reject", would.code.value
+        elif shaped.changes:
+            decision = "would_degrade" if shadow else "degrade"
+        else:
+            decision = "queue" if waited > 0 else "admit"
+        caller = shaped.caller
+        self._emit(Decided(caller.tier, caller.tenant, decision, reason, shaped.level,
+                           shaped.cost, waited, shaped.changes))
+        charge = shaped.charge
 
-    # -- helpers ---------------------------------------------------------------------------------
+        def settle(permit: Permit, outcome: Outcome, seconds: float | None) -> None:
+            self._settle(slot, charge, permit, outcome, seconds)
 
-    def _effective(self, caller: Caller) -> EffectiveTier:
-        if caller.tier not in self._policy.tiers:
-            # The key's tier vanished in a reload between authentication and admission.
-            raise ServiceError(ErrorCode.INVALID_API_KEY, INCORRECT_KEY_MESSAGE)
-        key = (caller.tier, self._level)
-        eff = self._effective_cache.get(key)
-        if eff is None:
-            eff = self._effective_cache[key] = self._policy.effective(caller.tier, self._level)
-        return eff
-
-    def _windows(self, tenant: str, eff: EffectiveTier, level: Level) -> tuple[QuotaWindow, ...]:
-        key = (tenant, eff.name, level)
-        windows = self._windows_cache.get(key)
-        if windows is None:
-            if len(self._windows_cache) >= _WINDOWS_CACHED:
-                # Anonymous tenants are one per client address: keep the cache bounded.
-                self._windows_cache.clear()
-            windows = self._windows_cache[key] = quota_windows(tenant, eff)
-        return windows
-
-    def _admitted_at_once(
-        self, tier: str, tenant: str, reason: str, level: Level, cost: float
-    ) -> Decided:
-        """The Decided of an admission with no wait and no change. An event is a value: a
-        tenant admitted again and again reports the same one, built once."""
-        last = self._admitted.get(tenant)
-        if (last is not None and last.cost == cost and last.level is level
-                and last.tier == tier and last.reason == reason):
-            return last
-        if len(self._admitted) >= _WINDOWS_CACHED:
-            self._admitted.clear()
-        decided = self._admitted[tenant] = Decided(tier, tenant, "admit", reason, level, cost,
-                                                   0.0)
-        return decided
-
-    def _remember_refusal(self, tenant: str, refusal: _Refusal) -> None:
-        if len(self._refusals) >= _WINDOWS_CACHED:
-            self._refusals.clear()
-        self._refusals[tenant] = refusal
-
-    def _quota_error(
-        self, quota: QuotaOutcome, now: float, eff: EffectiveTier, cost: float
-    ) -> tuple[ServiceError, float]:
-        """The refusal, and when the window it names resets."""
-        state = _binding(quota, cost)
-        window = state.window
-        wait = state.reset_at - now
-        what = (
-            f"{self._quota_head(eff, window)}{_amount(state.used)} used, this request costs "
-            f"{_amount(cost)}{self._reference_note}"
-        )
-        if cost > window.limit:
-            what += (
-                "; this request alone is more than the window allows, so ask for fewer or "
-                "smaller images or fewer steps"
-            )
-        if window.period >= DAY:
-            return ServiceError(
-                ErrorCode.DAILY_QUOTA_EXCEEDED,
-                f"Quota exceeded: {what}. It resets at {_utc_minute(state.reset_at)}.",
-                retry_after=clamp_retry(wait),
-                should_retry=False,
-                quota=quota,
-            ), state.reset_at
-        return ServiceError(
-            ErrorCode.RATE_LIMIT_EXCEEDED,
-            f"Rate limit reached: {what}. Try again in {math.ceil(max(wait, 1.0))} s.",
-            retry_after=clamp_retry(wait),
-            quota=quota,
-        ), state.reset_at
-
-    def _quota_head(self, eff: EffectiveTier, window: QuotaWindow) -> str:
-        """The fixed part of a quota refusal's message for one window of a tier at the
-        current level; a flood of refusals formats it once."""
-        key = (eff.name, eff.quota_factor, self._level, window.limit, window.period)
-        head = self._quota_heads.get(key)
-        if head is None:
-            scaled = "" if eff.quota_factor == 1.0 else (
-                f" (reduced to {eff.quota_factor:g}x while the GPU is under "
-                f"{self._level.label} pressure)"
-            )
-            head = self._quota_heads[key] = (
-                f"{_amount(window.limit)} reference images per {_period(window.period)} for "
-                f"tier {eff.name}{scaled}; "
-            )
-        return head
-
-    def _store_unavailable(self) -> ServiceError:
-        # Jittered so that clients refused together do not come back together.
-        return ServiceError(
-            ErrorCode.QUOTA_STORE_UNAVAILABLE,
-            "The quota store is unavailable, so this request cannot be counted; try again "
-            "shortly.",
-            retry_after=clamp_retry(1.0 + self._rng.random()),
+        return Permit(
+            caller, shaped.job, cost=shaped.cost, degraded=() if shadow else shaped.changes,
+            waited=waited, quota=shaped.quota, charged=self._charged(charge),
+            charged_at=charge.at if charge is not None else 0.0, on_settle=settle,
+            clock=self._clock, outcome_of=self._outcome_of,
         )
 
-    def _store_failed(self, exc: BaseException) -> None:
-        self._emit(StoreFailed(self._store.name, f"{type(exc).__name__}: {exc}"))
+    def _reject(self, caller: Caller, level: Level, refused: Refused,
+                shaped: _Ask | None = None) -> Refused:
+        cost, changes = (shaped.cost, shaped.changes) if shaped is not None else (0.0, ())
+        self._emit(Decided(caller.tier, caller.tenant, "reject", refused.code.value, level,
+                           cost, 0.0, changes))
+        return refused
 
-    async def _refund_now(
-        self, tenant: str, windows: tuple[QuotaWindow, ...], charged: float, charged_at: float
-    ) -> None:
-        """Refund before answering, so a client retrying at once finds its quota restored.
-        Shielded: if the request is cancelled meanwhile, the refund still completes."""
-        task = self._spawn_refund(tenant, windows, charged, charged_at)
-        if task is not None:
-            await asyncio.shield(task)
+    # -- settling and refunds --------------------------------------------------------------------
 
-    def _spawn_refund(
-        self, tenant: str, windows: tuple[QuotaWindow, ...], charged: float, charged_at: float
-    ) -> asyncio.Task[None] | None:
-        if charged <= 0 or not windows:
-            return None
-        self._refusals.pop(tenant, None)
-        task = asyncio.get_running_loop().create_task(self._refund(windows, charged, charged_at))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _refund(
-        self, windows: tuple[QuotaWindow, ...], charged: float, charged_at: float
-    ) -> None:
-        try:
-            await self._store.refund(windows, charged, charged_at)
-        except Exception as exc:
-            self._store_failed(exc)
-
-    def _settle(self, permit: Permit, outcome: Outcome, seconds: float | None) -> None:
+    def _settle(self, slot: Slot, charge: Charge | None, permit: Permit, outcome: Outcome,
+                seconds: float | None) -> None:
         if outcome == "success":
             self._scheduler.record_success(seconds, permit.cost)
         elif outcome == "dropped":
             self._scheduler.record_drop()
-        permit._slot.release()
-        refunded = 0.0 if outcome == "success" else permit.charged
-        tier = permit.caller.tier
-        if refunded:
-            self._spawn_refund(permit.caller.tenant, permit._windows, refunded,
-                               permit.charged_at)
-            self._emit(Settled(tier, outcome, refunded))
-            return
-        # An event is a value: every refund-free settle of a tier reports the same one.
-        settled = self._settled.get((tier, outcome))
-        if settled is None:
-            settled = self._settled[(tier, outcome)] = Settled(tier, outcome, 0.0)
-        self._emit(settled)
+        slot.release()
+        refunded = 0.0
+        if outcome != "success":
+            self._spawn_refund(charge)
+            refunded = self._charged(charge)
+        self._emit(Settled(permit.tier, outcome, refunded))
+
+    @staticmethod
+    def _charged(charge: Charge | None) -> float:
+        """What a refund of `charge` is known to give back."""
+        return charge.cost if charge is not None and charge.confirmed else 0.0
+
+    async def _refund_now(self, shaped: _Ask) -> None:
+        """Refund before answering. Shielded: if the request is cancelled meanwhile, the
+        refund still completes."""
+        task = self._spawn_refund(shaped.charge)
+        shaped.charge = None
+        if task is not None:
+            await asyncio.shield(task)
+
+    def _spawn_refund(self, charge: Charge | None) -> asyncio.Task[None] | None:
+        if charge is None:
+            return None
+        task = asyncio.get_running_loop().create_task(self._refund(charge))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _refund(self, charge: Charge) -> None:
+        try:
+            await self._store.refund(charge.windows, charge.cost, charge.at,
+                                     charge_id=charge.charge_id)
+        except Exception as exc:
+            self._store_failed(exc)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _effective(self, caller: Caller) -> EffectiveTier | Refused:
+        if caller.tier not in self._policy.tiers:
+            # The key's tier vanished in a reload between authentication and admission.
+            return Refused(ErrorCode.INVALID_API_KEY, INCORRECT_KEY_MESSAGE)
+        return self._policy.effective(caller.tier, self._level)
+
+    def _retry_after_cooling(self) -> float:
+        return self._scheduler.drain_estimate() + self._cooling_eta
+
+    def _store_failed(self, exc: BaseException) -> None:
+        self._emit(StoreFailed(self._store.name, f"{type(exc).__name__}: {exc}"))
 
     def _emit(self, event: Event) -> None:
         # A broken metrics or log hook must never cost a slot or a refund.
@@ -724,43 +455,3 @@ class Gate:
             self._on_event(event)
         except Exception:
             _log.exception("admission event hook failed for %r", event)
-
-
-def _binding(quota: QuotaOutcome, cost: float) -> WindowState:
-    """The window a quota refusal names: of those the cost does not fit, the one that resets
-    last, since naming an earlier one would only send the client back to be refused again."""
-    state: WindowState | None = None
-    for candidate in quota.windows:
-        if candidate.used + cost > candidate.window.limit + 1e-9 and (
-            state is None or candidate.reset_at > state.reset_at
-        ):
-            state = candidate
-    if state is not None:
-        return state
-    if quota.exhausted is not None:
-        return quota.exhausted
-    return min(quota.windows, key=lambda s: s.remaining)
-
-
-@functools.lru_cache(maxsize=1024)
-def _amount(value: float) -> str:
-    return f"{value:.2f}".rstrip("0").rstrip(".")
-
-
-@functools.lru_cache(maxsize=64)
-def _utc_minute(unix: float) -> str:
-    # Windows reset on fixed boundaries, so a day's refusals all name the same few instants.
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(unix))
-
-
-def _reference_note(policy: Policy) -> str:
-    reference = policy.cost.reference
-    return f" (a {reference.size} image at {reference.steps} steps counts as 1)"
-
-
-def _period(seconds: float) -> str:
-    for name, size in (("day", DAY), ("hour", 3600.0), ("minute", 60.0)):
-        count = seconds / size
-        if count >= 1 and count.is_integer():
-            return name if count == 1 else f"{int(count)} {name}s"
-    return f"{seconds:g} s"

@@ -1,36 +1,38 @@
 """The gate's events turned into Prometheus series and structlog lines.
 
 One line per HTTP request. The edge opens a `RequestLine` when a request arrives and writes it
-when the answer goes out; a decision the gate makes for that request joins it, so a request
-the gate decided on is logged once, as `admission.decided`, with the decision (tier, tenant,
-decision, reason, pressure level, cost, wait, degradation) and the answer (method, path,
-status, ms) together: the canonical line of the request. Every other request is logged as
-`http.request`. A decision made outside an HTTP request (the simulator, the benchmarks, a
-test driving the gate) gets a line of its own.
-
-A decision's series are recorded when it is made (`Metrics` applies them at the end of the
-loop turn). Lines not joined to a request, and the series that go with them, are applied at the
-end of the event-loop turn they were emitted in, all of the turn's together, each in the
-context it was emitted in (request id, tenant, tier): every request writes its answer to a
-socket, and the kernel's work there evicts the CPU caches, so work done between two writes
-runs at several times its warm cost. Outside a running loop an event is applied at once.
+when the answer goes out; the gate's decision for that request joins it, so a decided request
+is logged once, as `admission.decided`, with the decision and the answer (method, path,
+status, ms) together. Every other request is logged as `http.request`. A decision made outside
+an HTTP request (the simulator, a test driving the gate) gets a line of its own.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
-from typing import Any
 
 import structlog
 
 from meltguard.admission.auth import Caller
 from meltguard.admission.events import Decided, Event, Settled, StoreFailed, Waited
-from meltguard.daemon.loop_turn import EndOfTurn
 from meltguard.daemon.metrics import Metrics
 
 log = structlog.get_logger("meltguard")
 _log = logging.getLogger(__name__)
+
+
+def _decision_fields(event: Decided) -> dict[str, object]:
+    return {
+        "tier": event.tier,
+        "tenant": event.tenant,
+        "decision": event.decision,
+        "reason": event.reason,
+        "pressure": event.level.label,
+        "cost": round(event.cost, 4),
+        "wait_s": round(event.wait_s, 4),
+        "degraded": list(event.degraded) if event.degraded else None,
+    }
 
 
 class RequestLine:
@@ -43,18 +45,13 @@ class RequestLine:
 
     def write(self, method: str, path: str, status: int, caller: Caller | None,
               ms: float) -> None:
-        decided = self.decided
-        # bind() hands back the cached logger once logging is configured, without the proxy's
-        # per-call attribute lookup: this line is written for every request.
-        if decided is not None:
-            _decision_logger(decided).info("admission.decided", method=method, path=path,
-                                           status=status, ms=ms)
+        answer = {"method": method, "path": path, "status": status}
+        if self.decided is not None:
+            log.info("admission.decided", **answer, ms=ms, **_decision_fields(self.decided))
         elif caller is None:
-            log.bind().info("http.request", method=method, path=path, status=status,
-                            tier="none", ms=ms)
+            log.info("http.request", **answer, tier="none", ms=ms)
         else:
-            log.bind().info("http.request", method=method, path=path, status=status,
-                            tier=caller.tier, tenant=caller.tenant, ms=ms)
+            log.info("http.request", **answer, tier=caller.tier, tenant=caller.tenant, ms=ms)
 
 
 _CURRENT: contextvars.ContextVar[RequestLine | None] = contextvars.ContextVar(
@@ -68,97 +65,39 @@ def open_request_line() -> RequestLine:
     return line
 
 
-class _Bound:
-    """The last decision's logger, its fields bound: a tenant admitted or refused again and
-    again reports the same Decided (the gate reuses them), and a logger with the fields bound
-    writes them without passing them as keywords on every line."""
-
-    __slots__ = ("base", "event", "logger")
-
-    def __init__(self) -> None:
-        self.event: Decided | None = None
-        self.base: object = None
-        self.logger: Any = None
-
-
-_last = _Bound()
-
-
-def _decision_logger(event: Decided) -> Any:
-    base = log.bind()
-    last = _last
-    # Keyed by the base logger too: without logger caching (tests, in-process CLI runs) a
-    # reconfiguration hands out a new one, and the bound one must follow it.
-    if event is last.event and base is last.base:
-        return last.logger
-    logger = base.bind(
-        tier=event.tier,
-        tenant=event.tenant,
-        decision=event.decision,
-        reason=event.reason,
-        pressure=event.level.label,
-        cost=round(event.cost, 4),
-        wait_s=round(event.wait_s, 4),
-        degraded=list(event.degraded) if event.degraded else None,
-    )
-    last.event, last.base, last.logger = event, base, logger
-    return logger
-
-
 class AdmissionEvents:
     """The daemon's event sink: `on_event` is what the gate calls."""
 
     def __init__(self) -> None:
         # Attached by the app (Runtime.metrics) after the gate exists; until then, lines only.
         self.metrics: Metrics | None = None
-        self._pending: list[tuple[contextvars.Context, Event]] = []
-        self._end_of_turn = EndOfTurn(self._apply_pending)
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, Decided):
-            line = _CURRENT.get()
-            if line is not None and line.decided is None:
-                # The request's line reports it; the series are counted now (_count, inline:
-                # this runs for every decision).
-                line.decided = event
-                metrics = self.metrics
-                if metrics is not None:
-                    metrics.decided(event.tier, event.decision, event.reason,
-                                    None if event.decision == "reject" else event.wait_s)
-                return
-        elif isinstance(event, Settled) and not event.refunded:
-            return  # a success without a refund says nothing a series or a line reports
-        self._pending.append((contextvars.copy_context(), event))
-        self._end_of_turn.request()
-
-    def _count(self, event: Decided) -> None:
-        metrics = self.metrics
-        if metrics is None:
-            return
-        # An admission's stay in the queue, zero when a slot was free (see events.py).
-        metrics.decided(event.tier, event.decision, event.reason,
-                        None if event.decision == "reject" else event.wait_s)
-
-    def _apply_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        for context, event in pending:
-            try:
-                context.run(self._apply, event)
-            except Exception:
-                # As the gate does for a hook that fails in line: never lose the others.
-                _log.exception("admission event hook failed for %r", event)
+        # A broken metrics backend or log sink must not take the others down with it.
+        try:
+            self._apply(event)
+        except Exception:
+            _log.exception("admission event hook failed for %r", event)
 
     def _apply(self, event: Event) -> None:
         metrics = self.metrics
         if isinstance(event, Decided):
-            self._count(event)
-            _decision_logger(event).info("admission.decided")
+            if metrics is not None:
+                # An admission's stay in the queue, zero when a slot was free (see events.py).
+                metrics.decided(event.tier, event.decision, event.reason,
+                                None if event.decision == "reject" else event.wait_s)
+            line = _CURRENT.get()
+            if line is not None and line.decided is None:
+                line.decided = event  # the request's own line reports it
+            else:
+                log.info("admission.decided", **_decision_fields(event))
         elif isinstance(event, Waited):
             if metrics is not None:
                 metrics.waited(event.tier, event.seconds)
         elif isinstance(event, Settled):
-            log.info("quota.refunded", tier=event.tier, outcome=event.outcome,
-                     cost=round(event.refunded, 4))
+            if event.refunded:
+                log.info("quota.refunded", tier=event.tier, outcome=event.outcome,
+                         cost=round(event.refunded, 4))
         elif isinstance(event, StoreFailed):
             if metrics is not None:
                 metrics.store_errors.labels(event.store).inc()

@@ -24,18 +24,21 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from meltguard.admission.auth import Caller
-from meltguard.admission.gate import Permit
+from meltguard.admission.permit import Permit
 from meltguard.daemon.admission_events import RequestLine, open_request_line
-from meltguard.daemon.errors import error_response, from_http_exception
+from meltguard.daemon.errors import (
+    engine_detail,
+    engine_error,
+    error_response,
+    from_http_exception,
+)
 from meltguard.daemon.image_request import parse_image_request
 from meltguard.daemon.logs import bind_caller, start_request_context
 from meltguard.daemon.metrics import Metrics
 from meltguard.daemon.openapi import openapi_document
 from meltguard.daemon.ratelimit_headers import ratelimit_headers
 from meltguard.daemon.runtime import Runtime
-from meltguard.errors import ErrorCode, ServiceError, invalid
-from meltguard.inference.errors import EngineOutOfMemory
-from meltguard.values import QuotaOutcome
+from meltguard.errors import ErrorCode, Refused, ServiceError, invalid
 
 
 class InflightRequests:
@@ -58,6 +61,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application:
+    """The daemon's aiohttp application: the OpenAI Images routes, quota, health, metrics and
+    admin routes behind the edge middleware, on `runtime`'s gate and engine. It owns the
+    engine's warm-up and close and, at shutdown, waits for the gate's refunds."""
     app = web.Application(
         client_max_size=runtime.settings.max_body_bytes, middlewares=[edge_middleware]
     )
@@ -138,7 +144,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await handler(request)
     except ServiceError as exc:
-        response = await refusal_response(request, exc)
+        response = await refusal_response(request, exc.refused)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -204,22 +210,22 @@ def _account(
                round((time.perf_counter() - started) * 1000, 2))
 
 
-async def refusal_response(request: web.Request, exc: ServiceError) -> web.Response:
-    """The error in OpenAI's shape, with the caller's rate-limit headers once it is known."""
+async def refusal_response(request: web.Request, refused: Refused) -> web.Response:
+    """The refusal in OpenAI's shape, with the caller's rate-limit headers once it is known."""
+    runtime = request.app[RUNTIME]
+    overload_status = runtime.gate.overload_status
     caller = request.get(CALLER)
     if caller is None:
-        return error_response(exc)
-    runtime = request.app[RUNTIME]
-    outcome = exc.quota if isinstance(exc.quota, QuotaOutcome) else None
+        return error_response(refused, overload_status=overload_status)
+    outcome = refused.quota
     # The store just failed; asking it again for headers would double the outage's cost.
-    if outcome is None and exc.code is not ErrorCode.QUOTA_STORE_UNAVAILABLE:
+    if outcome is None and refused.code is not ErrorCode.QUOTA_STORE_UNAVAILABLE:
         try:
             outcome = await runtime.gate.quota_status(caller)
         except Exception:  # the store being down must not turn a 4xx into a 500
             outcome = None
-    if outcome is None:
-        return error_response(exc)
-    return error_response(exc, ratelimit_headers(outcome, runtime.clock.wall()))
+    headers = ratelimit_headers(outcome, runtime.clock.wall()) if outcome is not None else None
+    return error_response(refused, headers, overload_status=overload_status)
 
 
 # -- images -----------------------------------------------------------------------------------
@@ -256,13 +262,11 @@ async def create_image(request: web.Request) -> web.Response:
     runtime.request_started()
     try:
         permit = await gate.decide(caller, parsed.ask)
-        if isinstance(permit, ServiceError):
-            # Answered here rather than raised to the edge: a flood of refusals is answered
-            # as often as anything the daemon does.
+        if isinstance(permit, Refused):
             return await refusal_response(request, permit)
         # For the lines written while the image is made (the engine's, a refund's).
         bind_caller(caller.tenant, caller.tier)
-        pngs = await _generate(runtime, permit, caller)
+        pngs = await _generate(runtime, permit)
     finally:
         runtime.request_finished()
 
@@ -280,43 +284,32 @@ async def create_image(request: web.Request) -> web.Response:
         "usage": {"images": len(pngs), "size": str(job.size), "steps": job.steps,
                   "cost": round(permit.cost, 6)},
     }
-    headers = dict(ratelimit_headers(permit.quota, now)) if permit.quota is not None else {}
+    headers = ratelimit_headers(permit.quota, now) if permit.quota is not None else {}
     if permit.degraded:
         headers["x-meltguard-degraded"] = ", ".join(permit.degraded)
     headers["x-meltguard-seed"] = str(job.seed)
     return web.json_response(body_out, headers=headers)
 
 
-async def _generate(runtime: Runtime, permit: Permit, caller: Caller) -> list[bytes]:
+async def _generate(runtime: Runtime, permit: Permit) -> list[bytes]:
+    """Run the permit's job; the permit settles on the way out (see admission/permit.py)."""
     clock = runtime.clock
-    started = clock.monotonic()
     try:
-        pngs = await runtime.engine.generate(permit.job)
-    except EngineOutOfMemory:
-        permit.settle("dropped")
-        raise ServiceError(ErrorCode.GPU_OUT_OF_MEMORY,
-                           "The GPU ran out of memory; your quota was refunded.",
-                           retry_after=runtime.gate.retry_hint()) from None
-    except asyncio.CancelledError:
-        permit.settle("ignored")
-        raise
+        async with permit:
+            started = clock.monotonic()
+            pngs = await runtime.engine.generate(permit.job)
+            seconds = clock.monotonic() - started
+            permit.settle("success", seconds=seconds)
     except Exception as exc:
-        permit.settle("failed")
-        detail = f"{type(exc).__name__}: {exc}"
-        if not runtime.settings.log_prompts:
-            # Engines quote their input in errors (tokenizers do); prompts stay private.
-            prompt = permit.job.prompt
-            for form in (prompt, repr(prompt)[1:-1]):
-                detail = detail.replace(form, "<prompt>")
-        log.error("engine.failed", error=detail)
-        raise ServiceError(ErrorCode.GENERATION_FAILED,
-                           "Image generation failed; your quota was refunded.") from None
-    seconds = clock.monotonic() - started
-    permit.settle("success", seconds=seconds)
+        error = engine_error(exc, runtime.gate.retry_hint())
+        if error.code is ErrorCode.GENERATION_FAILED:
+            prompt = None if runtime.settings.log_prompts else permit.job.prompt
+            log.error("engine.failed", error=engine_detail(exc, prompt))
+        raise error from None
     metrics = runtime.metrics
     if metrics is not None:
         metrics.generation.labels(runtime.engine.name).observe(seconds)
-        metrics.images.labels(caller.tier).inc(len(pngs))
+        metrics.images.labels(permit.tier).inc(len(pngs))
     return pngs
 
 

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--strategy", default=_env("strategy", "meltguard"),
                        choices=("meltguard", "none", "token-bucket", "fixed-concurrency"),
                        help="admission strategy; the others are benchmark baselines")
+    serve.add_argument("--loop", default=_env("loop", "auto"),
+                       choices=("auto", "uvloop", "asyncio"),
+                       help="event loop: uvloop where installed (auto), or plain asyncio")
     _add_telemetry(serve)
 
     policy = commands.add_parser("policy", help="check a policy file or hash a key")

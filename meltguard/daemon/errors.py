@@ -1,19 +1,20 @@
-"""The one place that maps the error vocabulary to HTTP responses in OpenAI's error shape."""
+"""The one place that maps the error vocabulary to HTTP: status codes, OpenAI's error body,
+Retry-After, and what an engine failure means to a client."""
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import json
 import math
 from collections.abc import Mapping
 
 from aiohttp import web
 
-from meltguard.errors import ErrorCode, ServiceError
+from meltguard.admission.events import Outcome
+from meltguard.errors import ErrorCode, Refused, ServiceError, clamp_retry
+from meltguard.inference.errors import EngineOutOfMemory
 
-# The openai SDK ignores Retry-After above 60 s and falls back to its own backoff.
-MAX_RETRY_AFTER = 60.0
-
+# code -> (HTTP status, OpenAI error type)
 _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.INVALID_REQUEST: (400, "invalid_request_error"),
     ErrorCode.INVALID_API_KEY: (401, "invalid_request_error"),
@@ -32,80 +33,37 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.GENERATION_FAILED: (500, "server_error"),
     ErrorCode.INTERNAL_ERROR: (500, "server_error"),
 }
-
-
-def status_of(error: ServiceError) -> int:
-    return error.status or _STATUS[error.code][0]
-
-
 _JSON = "application/json; charset=utf-8"
-# A flood of refusals repeats a handful of messages (one tenant over its quota gets the same
-# words until its window resets): each body is encoded once.
-_BODIES: dict[tuple[str, str | None, ErrorCode], bytes] = {}
-_BODIES_MAX = 256
 
 
-def _body(message: str, param: str | None, code: ErrorCode) -> bytes:
-    key = (message, param, code)
-    body = _BODIES.get(key)
-    if body is None:
-        if len(_BODIES) >= _BODIES_MAX:
-            _BODIES.clear()
-        body = _BODIES[key] = json.dumps({
-            "error": {"message": message, "type": _STATUS[code][1], "param": param,
-                      "code": code.value},
-        }).encode()
-    return body
-
-
-class _Answered:
-    """The last error answered, with the rate-limit headers it came with, and its response's
-    fields. A flood of refusals answers one error object (see the gate's refusal memory) with
-    one headers mapping (see ratelimit_headers) again and again: its fields are built once.
-    Errors are not changed once raised or returned, nor rate-limit headers once handed out
-    (the mapping is read-only), so the objects' identities name them."""
-
-    __slots__ = ("body", "error", "extra", "headers", "status")
-
-    def __init__(self) -> None:
-        self.error: ServiceError | None = None
-        self.extra: Mapping[str, str] | None = None
-        self.status = 500
-        self.headers: dict[str, str] = {}  # handed to aiohttp, which copies it
-        self.body = b""
-
-
-_last = _Answered()
+def status_of(error: Refused | ServiceError, overload_status: int = 503) -> int:
+    """The HTTP status of an error. `overload_status` is the policy's choice (503 or 429) for
+    `server_overloaded`."""
+    if error.code is ErrorCode.SERVER_OVERLOADED:
+        return overload_status
+    return _STATUS[error.code][0]
 
 
 def error_response(
-    error: ServiceError, extra_headers: Mapping[str, str] | None = None
+    error: Refused | ServiceError,
+    extra_headers: Mapping[str, str] | None = None,
+    *,
+    overload_status: int = 503,
 ) -> web.Response:
-    """The error in OpenAI's shape; `extra_headers` (rate-limit fields) are added in the same
-    step, since a refusal under a flood is answered as often as anything the daemon does."""
-    last = _last
-    if error is last.error and extra_headers is last.extra:
-        return web.Response(status=last.status, body=last.body, headers=last.headers)
-    status = error.status or _STATUS[error.code][0]
+    """The error in OpenAI's shape; `extra_headers` are the caller's rate-limit fields.
+    Every 429 and 503 says when to retry; a daily quota says not to retry at all."""
+    status = status_of(error, overload_status)
     headers = dict(extra_headers) if extra_headers else {}
-    retry_after = error.retry_after
-    if retry_after is not None or status in (429, 503):
-        headers["Retry-After"], headers["retry-after-ms"] = _retry_fields(retry_after or 1.0)
-    if error.should_retry is not None:
-        headers["x-should-retry"] = "true" if error.should_retry else "false"
+    if error.retry_after is not None or status in (429, 503):
+        seconds = clamp_retry(error.retry_after or 1.0)
+        headers["Retry-After"] = str(math.ceil(seconds))
+        headers["retry-after-ms"] = str(round(seconds * 1000))
+    if error.code is ErrorCode.DAILY_QUOTA_EXCEEDED:
+        headers["x-should-retry"] = "false"
     headers["Content-Type"] = _JSON
-    body = _body(error.message, error.param, error.code)
-    last.error, last.extra, last.status, last.headers, last.body = (
-        error, extra_headers, status, headers, body)
-    return web.Response(status=status, body=body, headers=headers)
-
-
-@functools.lru_cache(maxsize=256)
-def _retry_fields(seconds: float) -> tuple[str, str]:
-    """Retry-After and retry-after-ms. A flood of refusals repeats a few values (the 60 s cap
-    above all), so each is formatted once."""
-    capped = min(max(seconds, 0.0), MAX_RETRY_AFTER)
-    return str(max(1, math.ceil(capped))), str(max(1, round(capped * 1000)))
+    body = json.dumps({"error": {"message": error.message, "type": _STATUS[error.code][1],
+                                 "param": error.param, "code": error.code.value}})
+    return web.Response(status=status, body=body.encode(), headers=headers)
 
 
 def from_http_exception(exc: web.HTTPException) -> ServiceError:
@@ -120,4 +78,39 @@ def from_http_exception(exc: web.HTTPException) -> ServiceError:
         )
     if exc.status == 408:
         return ServiceError(ErrorCode.REQUEST_TIMEOUT, "The request body did not arrive in time.")
-    return ServiceError(ErrorCode.INVALID_REQUEST, exc.reason or "Bad request.", status=exc.status)
+    return ServiceError(ErrorCode.INVALID_REQUEST, exc.reason or "Bad request.")
+
+
+# -- engine failures --------------------------------------------------------------------------
+
+
+def outcome_of(exc: BaseException) -> Outcome:
+    """How a permit settles when generation raised: out of memory is `dropped` (a signal to
+    tighten), a client that left is `ignored`, anything else `failed`; all three refund."""
+    if isinstance(exc, EngineOutOfMemory):
+        return "dropped"
+    if isinstance(exc, asyncio.CancelledError):
+        return "ignored"
+    if isinstance(exc, ServiceError) and exc.code is ErrorCode.GPU_OUT_OF_MEMORY:
+        return "dropped"
+    return "failed"
+
+
+def engine_error(exc: Exception, retry_after: float) -> ServiceError:
+    """What the client is told when the engine raised (the quota was refunded)."""
+    if isinstance(exc, EngineOutOfMemory):
+        return ServiceError(ErrorCode.GPU_OUT_OF_MEMORY,
+                            "The GPU ran out of memory; your quota was refunded.",
+                            retry_after=retry_after)
+    return ServiceError(ErrorCode.GENERATION_FAILED,
+                        "Image generation failed; your quota was refunded.")
+
+
+def engine_detail(exc: BaseException, prompt: str | None) -> str:
+    """The engine's error for the log line. Engines quote their input in errors (tokenizers
+    do): unless `prompt` is None (prompts may be logged), it is replaced by `<prompt>`."""
+    detail = f"{type(exc).__name__}: {exc}"
+    if prompt:
+        for form in (prompt, repr(prompt)[1:-1]):
+            detail = detail.replace(form, "<prompt>")
+    return detail

@@ -1,5 +1,4 @@
-"""The daemon's live state and the hooks that connect its parts: policy reloads, pressure
-assessment from telemetry, and admission events turned into metrics and log lines."""
+"""The daemon's live state and the hooks that connect its parts."""
 
 from __future__ import annotations
 
@@ -10,9 +9,9 @@ from pathlib import Path
 import structlog
 
 from meltguard.admission.events import Event
-from meltguard.admission.gate import Gate
 from meltguard.admission.policy import LEVEL_NAMES, Level, Policy
 from meltguard.admission.pressure import PressureState, assess, cooling_eta
+from meltguard.admission.strategy import AdmissionStrategy
 from meltguard.daemon.admission_events import AdmissionEvents
 from meltguard.daemon.image_files import ImageFiles
 from meltguard.daemon.metrics import LiveView, Metrics
@@ -25,13 +24,18 @@ log = structlog.get_logger("meltguard")
 
 
 class Runtime:
+    """Owns what the running daemon knows between requests: the policy in force and its
+    reloads, the latest telemetry and pressure level (pushed to the gate), the count of
+    requests in flight (for the drain), the images served by URL, and the event sink that
+    turns the gate's events into metrics and log lines."""
+
     def __init__(
         self,
         settings: Settings,
         *,
         clock: Clock,
         engine: Engine,
-        gate: Gate,
+        gate: AdmissionStrategy,
         loaded: LoadedPolicy,
         events: AdmissionEvents | None = None,
     ) -> None:

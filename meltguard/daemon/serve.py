@@ -69,6 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         public_url=args.public_url,
         gpus=gpus,
         strategy=args.strategy,
+        loop=args.loop,
     )
 
 
@@ -114,24 +115,23 @@ def assemble(
         except ValueError as exc:
             raise StartupError(str(exc)) from None
 
-    # The simulated GPU and the sim engine feed each other (busy time in, thermal slowdown
-    # out), so each reads the other late through this holder.
-    holder: dict[str, object] = {}
-
-    def busy_seconds() -> float:
-        engine = holder.get("engine")
-        return engine.busy_seconds() if engine is not None else 0.0  # type: ignore[attr-defined]
-
-    def slowdown() -> float:
-        source = holder.get("source")
-        return source.slowdown_factor() if isinstance(source, SimulatedGpu) else 1.0
+    events = AdmissionEvents()  # the gate calls its sink itself: one call per event
+    try:
+        gate = make_gate(settings.strategy, loaded.policy, store, clock, on_event=events.on_event)
+    except ValueError as exc:
+        raise StartupError(f"--strategy {settings.strategy}: {exc}") from None
 
     def inflight() -> int:
         # Only granted permits hold GPU memory; queued requests do not.
-        runtime = holder.get("runtime")
-        if not isinstance(runtime, Runtime):
-            return 0
-        return sum(runtime.gate.snapshot().inflight.values())
+        return sum(gate.snapshot().inflight.values())
+
+    # The simulated GPU and the sim engine feed each other (busy time in, thermal slowdown
+    # out): each reads the other through a closure, called only once both exist.
+    def busy_seconds() -> float:
+        return the_engine.busy_seconds()
+
+    def slowdown() -> float:
+        return telemetry.slowdown_factor() if isinstance(telemetry, SimulatedGpu) else 1.0
 
     note: str | None = None
     if source is None:
@@ -143,24 +143,17 @@ def assemble(
             )
         except (NvmlUnavailable, TelemetrySpecError) as exc:
             raise StartupError(f"--telemetry {settings.telemetry}: {exc}") from None
-    holder["source"] = source
+    telemetry: TelemetrySource = source
     if engine is None:
         try:
             engine = build_engine(settings.model, max_batch=settings.max_batch, clock=clock,
                                   sim_speed=settings.sim_speed, sim_slowdown=slowdown)
         except ModelNotFound as exc:
             raise StartupError(str(exc)) from None
-    holder["engine"] = engine
+    the_engine: Engine = engine
 
-    # The gate calls the event sink itself, not through the runtime: one call per event.
-    events = AdmissionEvents()
-    try:
-        gate = make_gate(settings.strategy, loaded.policy, store, clock, on_event=events.on_event)
-    except ValueError as exc:
-        raise StartupError(f"--strategy {settings.strategy}: {exc}") from None
     runtime = Runtime(settings, clock=clock, engine=engine, gate=gate, loaded=loaded,
                       events=events)
-    holder["runtime"] = runtime
     runtime.telemetry_kind = source.kind
     runtime.telemetry_note = note
 
@@ -192,6 +185,7 @@ def _resources_ctx(
         sampler.start()
         yield
         await sampler.stop()  # closes the source, unless a read is hung inside the driver
+        await runtime.gate.drain()  # the refunds still owed need the store open
         await store.close()
 
     return ctx
@@ -245,7 +239,7 @@ async def serve(settings: Settings) -> int:
     await site.start()
     log.info("meltguard.listening", url=settings.base_url, model=runtime.engine.name,
              telemetry=runtime.telemetry_kind, policy=settings.policy or "built-in",
-             store=settings.store)
+             store=settings.store, loop=loop_name(asyncio.get_running_loop()))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -286,10 +280,29 @@ def _notify_systemd(state: str) -> None:
         sock.sendall(state.encode())
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop for `auto` where uvloop is installed (a Linux dependency) and for
+    `uvloop`; None (asyncio's own) for `asyncio`, or for `auto` without uvloop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise StartupError("--loop uvloop: uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 def run_serve(settings: Settings) -> int:
     configure_logging(settings.log_format)
     try:
-        return asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=loop_factory(settings.loop)) as runner:
+            return runner.run(serve(settings))
     except StartupError as exc:
         print(f"meltguard: {exc}", file=sys.stderr)
         return 1

@@ -30,6 +30,7 @@ class Settings:
     policy_poll: float = 1.0  # seconds between policy-file change checks; 0 disables
     gpus: tuple[int, ...] | None = None
     strategy: str = "meltguard"  # benchmark baselines: none | token-bucket | fixed-concurrency
+    loop: str = "auto"  # auto (uvloop where installed) | uvloop | asyncio
 
     @property
     def base_url(self) -> str:

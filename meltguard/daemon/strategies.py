@@ -8,16 +8,17 @@
 - `fixed-concurrency`: TGI's `max_concurrent_requests` semaphore, where a request that finds
   every permit taken is refused at once with 429 (TGI answers "Model is overloaded").
 
-The baselines subclass Gate so the daemon, its metrics and its log lines treat them exactly
-like the real one (authentication, validation, events, permits, drain); only the decision
-differs. They ignore pressure and quotas on purpose: that is what they stand for. They share
-the real gate's concurrency limit (`policy.concurrency.limit` slots in front of the engine) so
-the GPU sees the same parallelism whichever strategy runs.
+Each implements `admission.strategy.AdmissionStrategy`, so the daemon, its metrics and its
+log lines treat them exactly like the real gate (the same key ring, validation, events and
+permits); only the decision differs. They ignore pressure and quotas on purpose: that is what
+they stand for. They share the real gate's concurrency limit (`policy.concurrency.limit` slots
+in front of the engine) so the GPU sees the same parallelism whichever strategy runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import random
@@ -27,14 +28,19 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-from meltguard.admission.auth import Caller
+from meltguard.admission.auth import Caller, KeyRing
 from meltguard.admission.cost import DEFAULT_SEED_MAX, ImageAsk, cost_of, validate
-from meltguard.admission.events import Decided, Decision, EventSink, Outcome, Settled, Waited
-from meltguard.admission.gate import Gate, GateSnapshot, Permit, clamp_retry
+from meltguard.admission.events import Decided, Decision, Event, EventSink, Outcome, Settled, Waited
+from meltguard.admission.gate import Gate
+from meltguard.admission.permit import Permit
 from meltguard.admission.policy import Level, Policy
-from meltguard.admission.scheduler import Slot
-from meltguard.errors import ErrorCode, ServiceError
+from meltguard.admission.strategy import AdmissionStrategy, GateSnapshot
+from meltguard.daemon.errors import outcome_of
+from meltguard.errors import ErrorCode, Refused, ServiceError, clamp_retry
 from meltguard.protocols import Clock, QuotaStore
+from meltguard.values import QuotaOutcome
+
+_log = logging.getLogger(__name__)
 
 Strategy = Literal["meltguard", "none", "token-bucket", "fixed-concurrency"]
 STRATEGIES: tuple[Strategy, ...] = ("meltguard", "none", "token-bucket", "fixed-concurrency")
@@ -89,11 +95,11 @@ def make_gate(
     *,
     options: BaselineOptions | None = None,
     rng: random.Random | None = None,
-) -> Gate:
-    """The gate for `strategy`. Raises ValueError for an unknown strategy or a baseline that
-    lacks a setting it cannot guess (the token bucket's rate)."""
+) -> AdmissionStrategy:
+    """The admission strategy named `strategy`. Raises ValueError for an unknown one or a
+    baseline that lacks a setting it cannot guess (the token bucket's rate)."""
     if strategy == "meltguard":
-        return Gate(policy, store, clock, on_event=on_event, rng=rng)
+        return Gate(policy, store, clock, on_event=on_event, rng=rng, outcome_of=outcome_of)
     opts = options if options is not None else BaselineOptions.from_env()
     if strategy == "none":
         return BaselineGate(policy, store, clock, on_event, strategy="none", rng=rng)
@@ -215,9 +221,9 @@ class FifoSlots:
             future.set_result(None)
 
 
-class BaselineGate(Gate):
-    """The real Gate's authentication, validation, events and permits around a baseline's
-    decision. Pressure is recorded (so logs and metrics show the level) but never acted on."""
+class BaselineGate:
+    """A baseline's decision with the real gate's authentication, validation, events and
+    permits. Pressure is recorded (so logs and metrics show the level) but never acted on."""
 
     def __init__(
         self,
@@ -231,7 +237,13 @@ class BaselineGate(Gate):
         max_concurrent: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        super().__init__(policy, store, clock, on_event=on_event, rng=rng)
+        self._policy = policy
+        self._keyring = KeyRing(policy)
+        self._store = store
+        self._clock = clock
+        self._on_event = on_event
+        self._rng = rng if rng is not None else random.Random()
+        self._level = Level.NORMAL
         self.strategy = strategy
         self._bucket = bucket
         self._max_concurrent = max_concurrent
@@ -240,24 +252,54 @@ class BaselineGate(Gate):
             max_concurrent if max_concurrent is not None else policy.concurrency.limit
         )
 
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def level(self) -> Level:
+        return self._level
+
+    @property
+    def store_name(self) -> str:
+        return self._store.name
+
+    @property
+    def overload_status(self) -> int:
+        # TGI answers "Model is overloaded" with 429; the others never shed.
+        return 429 if self.strategy == "fixed-concurrency" else self._policy.overload_status
+
     def set_policy(self, policy: Policy) -> None:
-        super().set_policy(policy)
+        self._policy = policy
+        self._keyring = KeyRing(policy)
         if self._max_concurrent is None:
             self._slots.limit = max(1, policy.concurrency.limit)
             self._slots._dispatch()
 
+    def set_pressure(self, level: Level, cooling_eta: float) -> None:
+        self._level = level
+
+    def authenticate(self, authorization_header: str | None, client_id: str) -> Caller:
+        return self._keyring.authenticate(authorization_header, client_id)
+
+    def is_admin(self, authorization_header: str | None) -> bool:
+        return self._keyring.is_admin(authorization_header)
+
     def retry_hint(self) -> float:
         return clamp_retry(1.0)
 
-    def expire_waiters(self) -> int:
-        return 0  # FIFO waiters have no deadline
+    async def quota_status(self, caller: Caller) -> QuotaOutcome:
+        return QuotaOutcome(True, ())  # baselines count no quota
+
+    async def drain(self) -> None:
+        return None  # nothing is ever charged, so nothing is refunded
 
     def snapshot(self) -> GateSnapshot:
-        policy = self.policy
+        policy = self._policy
         busy, waiting = self._slots.tier_busy(), self._slots.tier_waiting()
         unbounded = self.strategy != "fixed-concurrency"
         return GateSnapshot(
-            level=self.level,
+            level=self._level,
             cooling_eta=0.0,
             mode=policy.mode,
             concurrency_limit=self._slots.limit,
@@ -270,16 +312,22 @@ class BaselineGate(Gate):
             service_seconds_per_cost=None,
         )
 
-    async def decide(self, caller: Caller, ask: ImageAsk) -> Permit | ServiceError:
-        policy, level = self.policy, self.level
-        tier, tenant = caller.tier, caller.tenant
+    async def admit(self, caller: Caller, ask: ImageAsk) -> Permit:
+        decided = await self.decide(caller, ask)
+        if isinstance(decided, Refused):
+            raise decided.error()
+        return decided
+
+    async def decide(self, caller: Caller, ask: ImageAsk) -> Permit | Refused:
+        policy, level = self._policy, self._level
+        tier = caller.tier
         if tier not in policy.tiers:
-            return ServiceError(ErrorCode.INVALID_API_KEY, "Unknown tier for this key.")
+            return Refused(ErrorCode.INVALID_API_KEY, "Unknown tier for this key.")
         try:
             job = validate(ask, policy, default_seed=self._rng.randint(0, DEFAULT_SEED_MAX))
         except ServiceError as bad:
             self._decided(caller, "reject", str(bad.code), level, 0.0, 0.0)
-            return bad.with_traceback(None)
+            return bad.refused
         cost = cost_of(job, policy)
         refusal = self._refusal()
         if refusal is not None:
@@ -296,29 +344,26 @@ class BaselineGate(Gate):
             raise
         waited = clock.monotonic() - entered
         self._decided(caller, "queue" if waited > 0 else "admit", "ok", level, cost, waited)
-        # Permit wants a scheduler Slot; this one is never released (see _settle), it only
-        # carries the bookkeeping fields the permit exposes.
-        slot = Slot(self.scheduler, tier, tenant, cost, waited)
-        return Permit(self, caller, job, (), cost, waited, None, slot, (), 0.0, 0.0)
+        return Permit(caller, job, cost=cost, waited=waited, on_settle=self._settle,
+                      clock=clock, outcome_of=outcome_of)
 
-    def _refusal(self) -> ServiceError | None:
+    def _refusal(self) -> Refused | None:
         if self.strategy == "token-bucket":
             assert self._bucket is not None
             wait = self._bucket.take(self._clock.monotonic())
             if wait is not None:
-                return ServiceError(
+                return Refused(
                     ErrorCode.RATE_LIMIT_EXCEEDED,
                     f"Rate limit reached: this server admits {self._bucket.rate:g} requests "
                     "per second.",
-                    retry_after=clamp_retry(wait),
+                    clamp_retry(wait),
                 )
         elif self.strategy == "fixed-concurrency" and self._slots.busy >= self._slots.limit:
-            return ServiceError(
+            return Refused(
                 ErrorCode.SERVER_OVERLOADED,
                 f"Model is overloaded: all {self._slots.limit} concurrent request permits are "
                 "taken.",
-                retry_after=clamp_retry(1.0),
-                status=429,
+                clamp_retry(1.0),
             )
         return None
 
@@ -332,3 +377,9 @@ class BaselineGate(Gate):
         # Nothing was charged, so nothing is refunded; the FIFO slot is the only resource.
         self._slots.release(permit.tier)
         self._emit(Settled(permit.tier, outcome, 0.0))
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self._on_event(event)
+        except Exception:
+            _log.exception("admission event hook failed for %r", event)

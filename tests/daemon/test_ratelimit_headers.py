@@ -1,5 +1,4 @@
-"""The rate-limit headers of a quota outcome, and the memo that answers a refused tenant's
-repeated outcome without formatting it again."""
+"""The rate-limit headers of a quota outcome."""
 
 from __future__ import annotations
 
@@ -28,24 +27,13 @@ def test_headers_name_the_tightest_window() -> None:
     }
 
 
-def test_a_repeated_outcome_gets_the_same_headers() -> None:
-    refused = outcome()
-    first = ratelimit_headers(refused, now=3_600.2)
-    second = ratelimit_headers(refused, now=3_600.7)
-    assert second is first  # shared, and typed read-only: the image route copies before adding
-    assert second["RateLimit"] == '"day";r=0;t=82800'
-    # Another outcome over the same windows gets a mapping of its own: the first is unchanged.
-    third = ratelimit_headers(outcome(minute_used=0.0), now=3_600.9)
-    assert third is not first and first["RateLimit"] == '"day";r=0;t=82800'
-
-
 def test_the_countdown_moves_with_the_clock() -> None:
     refused = outcome()
     assert ratelimit_headers(refused, now=3_600.0)["RateLimit"].endswith("t=82800")
     later = ratelimit_headers(refused, now=3_601.5)
     assert later["RateLimit"].endswith("t=82799")
     assert later["x-ratelimit-reset-requests"] == openai_duration(86_400.0 - 3_601.5)
-    # The last second counts in milliseconds, every call afresh.
+    # The last second counts in milliseconds.
     assert ratelimit_headers(refused, now=86_399.5)["x-ratelimit-reset-requests"] == "500ms"
     assert ratelimit_headers(refused, now=86_399.75)["x-ratelimit-reset-requests"] == "250ms"
 
@@ -55,7 +43,7 @@ def test_no_windows_no_headers() -> None:
 
 
 def test_another_outcome_over_the_same_windows_counts_down_what_remains() -> None:
-    # A tenant admitted again and again: same windows, usage one higher each time.
+    # A tenant admitted twice: same windows, usage one higher.
     first = ratelimit_headers(outcome(day_used=0.0, minute_used=0.0), now=3_600.2)
     second = ratelimit_headers(outcome(day_used=1.0, minute_used=1.0), now=3_600.4)
     assert first["x-ratelimit-remaining-requests"] == "2" and first["RateLimit"].startswith(
