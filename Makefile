@@ -31,22 +31,23 @@ apt:
 	fi
 
 test: $(STAMP) apt
-	$(VENV)/bin/ruff check meltguard tests
+	$(VENV)/bin/ruff check meltguard benchmarks tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check meltguard tests
+	$(VENV)/bin/ruff check meltguard benchmarks tests
 	$(VENV)/bin/mypy
 
+# The dev harnesses live in benchmarks/ (run from the repository root); meltguard never imports them.
 bench-engine: $(STAMP)
-	$(PY) -m meltguard.inference.bench
+	$(PY) -m benchmarks.engine
 
 bench-admission: $(STAMP) apt
-	$(PY) -m meltguard.daemon.bench_admission
+	$(PY) -m benchmarks.admission
 
 bench-stores: $(STAMP) apt
-	$(PY) -m meltguard.daemon.stores.bench
+	$(PY) -m benchmarks.stores
 
 bench: $(STAMP)
 	$(VENV)/bin/meltguard bench --out bench-results
@@ -57,7 +58,7 @@ bench-quick: $(STAMP)
 SOAK_SECONDS ?= 600
 soak: $(STAMP)
 	mkdir -p bench-results
-	$(PY) -m meltguard.soak --seconds $(SOAK_SECONDS) --json bench-results/soak.json
+	$(PY) -m benchmarks.soak --seconds $(SOAK_SECONDS) --json bench-results/soak.json
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -96,7 +96,8 @@ class AdmissionEvents:
                 metrics.waited(event.tier, event.seconds)
         elif isinstance(event, Settled):
             if event.refunded:
-                log.info("quota.refunded", tier=event.tier, outcome=event.outcome,
+                # Asked for, not yet done: the store logs when the refund lands.
+                log.info("quota.refund_requested", tier=event.tier, outcome=event.outcome,
                          cost=round(event.refunded, 4))
         elif isinstance(event, StoreFailed):
             if metrics is not None:

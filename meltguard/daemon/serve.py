@@ -31,6 +31,7 @@ from meltguard.daemon.policy_file import (
 )
 from meltguard.daemon.runtime import Runtime
 from meltguard.daemon.settings import Settings
+from meltguard.daemon.stores.redis import redact_url
 from meltguard.daemon.stores.select import default_store_spec, open_store
 from meltguard.daemon.strategies import make_gate
 from meltguard.daemon.telemetry import (
@@ -185,7 +186,7 @@ def _resources_ctx(
         sampler.start()
         yield
         await sampler.stop()  # closes the source, unless a read is hung inside the driver
-        await runtime.gate.drain()  # the refunds still owed need the store open
+        await runtime.gate.drain()  # the gate's refunds reach the store before it closes
         await store.close()
 
     return ctx
@@ -239,7 +240,7 @@ async def serve(settings: Settings) -> int:
     await site.start()
     log.info("meltguard.listening", url=settings.base_url, model=runtime.engine.name,
              telemetry=runtime.telemetry_kind, policy=settings.policy or "built-in",
-             store=settings.store, loop=loop_name(asyncio.get_running_loop()))
+             store=redact_url(settings.store), loop=loop_name(asyncio.get_running_loop()))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ SECONDS = 60
 def test_soak_sixty_seconds_at_three_times_capacity(tmp_path: Path) -> None:
     report_path = tmp_path / "soak.json"
     result = subprocess.run(
-        [sys.executable, "-m", "meltguard.soak", "--seconds", str(SECONDS), "--load", "3",
+        [sys.executable, "-m", "benchmarks.soak", "--seconds", str(SECONDS), "--load", "3",
          "--json", str(report_path), "--keep", str(tmp_path / "run")],
         cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Engine throughput with and without batching, measured in one run.
 
-    python -m meltguard.inference.bench [--requests 64] [--max-batch 4] [--size 64x64]
+    python -m benchmarks.engine [--requests 64] [--max-batch 4] [--size 64x64]
                                         [--steps 2] [--rounds 3] [--model tiny]
 
 Each round sends N concurrent single-image requests through a DiffusersEngine whose
@@ -51,7 +51,7 @@ class RoundResult:
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
     parser = argparse.ArgumentParser(
-        prog="python -m meltguard.inference.bench",
+        prog="python -m benchmarks.engine",
         description="images/s of an engine at batch 1 and at --max-batch, in one run",
     )
     parser.add_argument("--requests", type=int, default=64, help="concurrent requests per round")
@@ -164,7 +164,7 @@ def render(config: BenchConfig, results: dict[int, list[RoundResult]], device: s
     lines = [
         f"# Engine throughput with and without batching: {config.model}",
         "",
-        f"`python -m meltguard.inference.bench --requests {config.requests} "
+        f"`python -m benchmarks.engine --requests {config.requests} "
         f"--max-batch {config.max_batch} --size {config.size} --steps {config.steps} "
         f"--rounds {config.rounds} --model {config.model}`",
         "",

@@ -1,4 +1,4 @@
-"""`python -m meltguard.soak --seconds 600`: the daemon at 3x capacity, watched for leaks.
+"""`python -m benchmarks.soak --seconds 600`: the daemon at 3x capacity, watched for leaks.
 
 Starts `meltguard serve` (sim engine, simulated GPU, in-memory quota) on a free loopback
 port, measures its capacity with a short closed loop, then offers `--load` times that rate
@@ -49,7 +49,7 @@ BODY = {"size": "128x128", "steps": 8}  # the cost reference: every image costs 
 DRAIN_TIMEOUT = 10.0
 CONCURRENCY = 2
 
-POLICY = """# Written by meltguard.soak.
+POLICY = """# Written by benchmarks.soak.
 version: 1
 anonymous_tier: null
 admin_key_sha256: "{admin}"
@@ -508,7 +508,7 @@ def _thin(samples: Sequence[Sample], count: int) -> list[Sample]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m meltguard.soak", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=600.0, help="load duration")
     parser.add_argument("--load", type=float, default=3.0, help="offered load / capacity")

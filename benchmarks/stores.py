@@ -1,4 +1,4 @@
-"""Quota store micro-benchmark: `python -m meltguard.daemon.stores.bench`.
+"""Quota store micro-benchmark: `python -m benchmarks.stores`.
 
 Measures, in one run and one process, how many consumes per second each store answers when
 (a) the request is admitted and (b) the tenant is over quota, one awaited call after another as
@@ -6,7 +6,7 @@ a request handler makes them, and prints each as a ratio to the in-process Memor
 It starts its own redis-server (Debian's) on a free port in a temp dir. Results also go to
 bench-results/stores.md.
 
-The issue's targets are for the admission decision (`python -m meltguard.daemon.bench_admission`,
+The issue's targets are for the admission decision (`python -m benchmarks.admission`,
 which runs the whole gate behind HTTP); here the stores are read alone, against a dict.
 """
 
@@ -174,7 +174,7 @@ def report(results: list[Result], redis_version: str, seconds: float, repeat: in
     lines = [
         "# Quota store benchmark",
         "",
-        "`python -m meltguard.daemon.stores.bench`: consumes per second, awaited one after "
+        "`python -m benchmarks.stores`: consumes per second, awaited one after "
         "another on one event loop, for a free-tier check (a daily and a per-minute window). "
         "*admit*: the request fits; *over quota*: the tenant's daily window is exhausted; "
         f"*{CONCURRENT}*: admits by 16 tasks at once, as a busy server makes them. "
@@ -219,7 +219,7 @@ def report(results: list[Result], redis_version: str, seconds: float, repeat: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meltguard.daemon.stores.bench")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stores")
     parser.add_argument("--seconds", type=float, default=0.5, help="length of one timed run")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; each case's best counts")
     parser.add_argument("--out", type=Path, default=Path("bench-results/stores.md"))
