@@ -1,3 +1,3 @@
-from meltguard.daemon.cli import main
+from meltguard.cli import main
 
 raise SystemExit(main())

@@ -17,8 +17,8 @@ import pytest
 from meltguard.bench.outcome import PointResult
 from meltguard.bench.runner import BenchConfig, prepare, run_point
 from meltguard.bench.scenario import Scenario, arrivals, baseline_options
-from meltguard.daemon.cli import main
-from meltguard.daemon.simulate import SimSetup, simulate_point
+from meltguard.bench.simulate import SimSetup, simulate_point
+from meltguard.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_POLICY = ROOT / "policies" / "bench.yaml"

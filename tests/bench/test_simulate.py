@@ -19,15 +19,15 @@ from meltguard.bench.scenario import (
     capacity,
     format_requests,
 )
-from meltguard.daemon.cli import main
-from meltguard.daemon.policy_file import load_policy_file
-from meltguard.daemon.simulate import (
+from meltguard.bench.simulate import (
     SimSetup,
     SimulationStalled,
     VirtualClock,
     run_virtual,
     simulate_point,
 )
+from meltguard.cli import main
+from meltguard.daemon.policy_file import load_policy_file
 from meltguard.values import Size
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from meltguard.admission import auth as auth_module
 from meltguard.admission.auth import KeyRing
-from meltguard.daemon.cli import build_parser
+from meltguard.cli import build_parser
 from meltguard.daemon.policy_file import PolicyFileError, load_policy_file
 from meltguard.daemon.settings import Settings
 from meltguard.errors import ServiceError

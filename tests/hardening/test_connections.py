@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meltguard.daemon.cli import build_parser
+from meltguard.cli import build_parser
 from tests.daemon.conftest import KEYS
 from tests.hardening.conftest import ADMIN, hardening_policy
 from tests.process import Daemon

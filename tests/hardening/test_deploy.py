@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meltguard.daemon.cli import build_parser
+from meltguard.cli import build_parser
 from tests.hardening.conftest import hardening_policy
 from tests.process import MELTGUARD, ROOT, free_port
 

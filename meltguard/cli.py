@@ -1,4 +1,7 @@
-"""`meltguard` command line. Every serve flag also reads MELTGUARD_<FLAG> from the environment."""
+"""`meltguard` command line. Every serve flag also reads MELTGUARD_<FLAG> from the environment.
+
+It sits above every package (tests/test_import_rules.py): `serve` and `gpus` come from
+daemon/, `bench` and `simulate` from bench/, each imported only when its command runs."""
 
 from __future__ import annotations
 
@@ -103,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_bench(args)
     if args.command == "simulate":
-        from meltguard.daemon.simulate import run_simulate
+        from meltguard.bench.simulate import run_simulate
 
         return run_simulate(args)
     return 2
