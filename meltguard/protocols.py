@@ -1,4 +1,5 @@
-"""The small Protocols every layer is written against; stdlib only."""
+"""The small Protocols every layer is written against; stdlib only. (The admission strategy
+the daemon drives is admission/strategy.py: it speaks in admission's own types.)"""
 
 from __future__ import annotations
 
@@ -11,33 +12,48 @@ from meltguard.values import EngineHealth, GenerationJob, GpuSample, QuotaOutcom
 class Clock(Protocol):
     """Time is an argument: only edges hold a Clock; tests pass a fake one."""
 
-    def monotonic(self) -> float: ...
+    def monotonic(self) -> float:
+        """Seconds for durations and deadlines; never goes back."""
+        ...
 
-    def wall(self) -> float: ...
+    def wall(self) -> float:
+        """Unix seconds, for quota windows and dates a person reads."""
+        ...
 
-    async def sleep(self, seconds: float) -> None: ...
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of this clock's time (a fake clock waits for its advance)."""
+        ...
 
 
 @runtime_checkable
 class Engine(Protocol):
-    """What sits behind the admission gate (TGI's Backend, reduced to four methods)."""
+    """What sits behind the admission gate, reached only through a permit (TGI's Backend,
+    reduced to what the daemon needs)."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The model name clients send as `model` and /v1/models lists."""
+        ...
 
-    async def warm_up(self) -> None: ...
+    async def warm_up(self) -> None:
+        """Load the weights and run once; `health().ready` is true afterwards."""
+        ...
 
     async def generate(self, job: GenerationJob) -> list[bytes]:
         """Return job.n PNG images. Raises inference.errors.EngineOutOfMemory / EngineFailure."""
         ...
 
-    def health(self) -> EngineHealth: ...
+    def health(self) -> EngineHealth:
+        """Whether it can generate now, for /readyz."""
+        ...
 
     def busy_seconds(self) -> float:
         """Cumulative seconds the accelerator has spent generating (drives the simulated GPU)."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the pipeline and its worker; no generate() after this."""
+        ...
 
 
 class TelemetrySource(Protocol):
@@ -48,9 +64,13 @@ class TelemetrySource(Protocol):
         """`nvml`, `simulated` or `replay`: the `source` label of telemetry_source_info."""
         ...
 
-    def read(self) -> Sequence[GpuSample]: ...
+    def read(self) -> Sequence[GpuSample]:
+        """One sample per watched GPU, read now (blocking)."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the library or file behind it."""
+        ...
 
 
 class QuotaStore(Protocol):
@@ -97,4 +117,6 @@ class QuotaStore(Protocol):
         """The windows' usage now, charging nothing."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Close connections or files; called once, after the gate's refunds are drained."""
+        ...

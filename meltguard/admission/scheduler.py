@@ -123,6 +123,11 @@ class Slot:
 
 
 class Scheduler:
+    """Owns the GPU slots: the concurrency limit and its AIMD adjustment, the tier and tenant
+    caps at the current pressure level, the queue of waiters in priority and round-robin
+    order with their deadlines, and the service-time estimate behind queue-wait estimates.
+    The gate asks it for a slot after the quota is charged; a permit releases the slot."""
+
     def __init__(
         self,
         policy: Policy,

@@ -1,5 +1,5 @@
 """What an engine can fail with; daemon/errors.py maps these to `gpu_out_of_memory` and
-`generation_failed`, and a ModelNotFound at startup to a clear exit."""
+`generation_failed`, and `meltguard serve` turns a ModelNotFound into a one-line exit."""
 
 from __future__ import annotations
 
