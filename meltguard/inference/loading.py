@@ -148,3 +148,23 @@ def _scheduler_class(diffusers: Any, index: dict[str, Any]) -> Any:
     entry = index.get("scheduler")
     name = entry[1] if isinstance(entry, list) and len(entry) == 2 else "PNDMScheduler"
     return getattr(diffusers, str(name), diffusers.PNDMScheduler)
+
+
+def edit_pipelines(model: str, pipeline: Any) -> dict[str, Any]:
+    """The image-to-image and inpainting pipelines of `pipeline`'s family, built from the SAME
+    components (diffusers' `from_pipe`: no weights load or copy). A family diffusers has no
+    such pipeline for maps to a string saying so, which the daemon shows the client."""
+    diffusers = untyped_diffusers()
+    family = type(pipeline).__name__
+    built: dict[str, Any] = {}
+    for kind, auto in (("image_to_image", diffusers.AutoPipelineForImage2Image),
+                       ("inpaint", diffusers.AutoPipelineForInpainting)):
+        with stage(model, kind):
+            try:
+                built[kind] = auto.from_pipe(pipeline)
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                log.info("engine.edit_unsupported", model=model, kind=kind, family=family,
+                         error=str(exc))
+                built[kind] = (f"model {model!r} is a {family}, a family diffusers has no "
+                               f"{kind.replace('_', '-')} pipeline for")
+    return built
