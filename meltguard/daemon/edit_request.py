@@ -220,7 +220,7 @@ def parse_edit_form(form: EditForm, limits: Limits) -> EditRequest:
 
 def _open(data: bytes, param: str, formats: tuple[str, ...]) -> Image.Image:
     """Open by header, check the declared pixel count, and only then decode."""
-    names = " or ".join(formats) if len(formats) > 1 else formats[0]
+    names = "PNG, JPEG or WebP" if formats == IMAGE_FORMATS else "PNG"
     if not data:
         raise invalid(param, f"The '{param}' file is empty.")
     try:
