@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from meltguard.admission.cost import ImageAsk, fit_size
@@ -50,8 +51,9 @@ MAX_PARTS = 32
 DEFAULT_STRENGTH = {"image_to_image": 0.8, "inpaint": 1.0}
 MIN_STRENGTH = 0.01
 _ECHO = 64
-_INT = re.compile(r"^[+]?[0-9]{1,25}$")
-_FLOAT = re.compile(r"^[+]?([0-9]{1,6}(\.[0-9]{0,12})?|\.[0-9]{1,12})$")
+_INT = re.compile(r"^[0-9]{1,25}$")
+_FLOAT = re.compile(r"^([0-9]{1,6}(\.[0-9]{1,12})?|\.[0-9]{1,12})$")
+_SIZE = re.compile(r"^[1-9][0-9]{0,5}x[1-9][0-9]{0,5}$")
 _CHUNK = 64 * 1024
 
 
@@ -97,8 +99,8 @@ async def read_form(request: web.Request, limits: Limits) -> EditForm:
         raise invalid(None, "Content-Type must be multipart/form-data (an image upload).")
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError, KeyError) as exc:  # aiohttp's words for a bad boundary
-        raise invalid(None, f"The multipart body is malformed: {_clip(str(exc))}.") from None
+    except _MALFORMED as exc:
+        raise _malformed(None, exc) from None
     images: list[Upload] = []
     mask: Upload | None = None
     text: dict[str, str] = {}
@@ -107,8 +109,8 @@ async def read_form(request: web.Request, limits: Limits) -> EditForm:
     while True:
         try:
             part = await reader.next()
-        except (ValueError, AssertionError, KeyError) as exc:
-            raise invalid(None, f"The multipart body is malformed: {_clip(str(exc))}.") from None
+        except _MALFORMED as exc:
+            raise _malformed(None, exc) from None
         if part is None:
             break
         parts += 1
@@ -141,13 +143,24 @@ async def read_form(request: web.Request, limits: Limits) -> EditForm:
     return EditForm(tuple(images), mask, text)
 
 
+# What aiohttp's multipart reader raises for a body that breaks the format: a missing or
+# wrong boundary, a header line that is not one, a body that ends too early.
+_MALFORMED = (ValueError, AssertionError, KeyError, HttpProcessingError)
+
+
+def _malformed(param: str | None, exc: BaseException) -> ServiceError:
+    # A bad header line comes back quoting the client's bytes: name the kind of error only.
+    detail = type(exc).__name__ if isinstance(exc, HttpProcessingError) else _clip(str(exc))
+    return invalid(param, f"The multipart body is malformed ({detail}).")
+
+
 async def _read_part(part: BodyPartReader, limit: int, param: str, what: str) -> bytes:
     buffer = bytearray()
     while True:
         try:
             chunk = await part.read_chunk(_CHUNK)
-        except (ValueError, AssertionError) as exc:
-            raise invalid(param, f"The multipart body is malformed: {_clip(str(exc))}.") from None
+        except _MALFORMED as exc:
+            raise _malformed(param, exc) from None
         if not chunk:
             return bytes(buffer)
         buffer += chunk
@@ -167,7 +180,10 @@ def parse_edit_form(form: EditForm, limits: Limits) -> EditRequest:
         raise invalid("prompt", "Missing required parameter: 'prompt'.")
     if not prompt.strip():
         raise invalid("prompt", "'prompt' must be a non-empty string.")
-    response_format = text.get("response_format") or "b64_json"
+    for key in ("size", "n", "steps", "seed", "strength", "response_format"):
+        if text.get(key) == "":
+            raise invalid(key, f"'{key}' is empty; leave it out for the default.")
+    response_format = text.get("response_format", "b64_json")
     if response_format not in RESPONSE_FORMATS:
         raise invalid("response_format", f"'response_format' must be one of {RESPONSE_FORMATS}.")
     if text.get("quality") not in (None, *QUALITIES):
@@ -177,14 +193,12 @@ def parse_edit_form(form: EditForm, limits: Limits) -> EditRequest:
     if text.get("stream") not in (None, "false", "False"):
         raise invalid("stream", "Streaming image edits are not supported.")
     size: Size | None = None
-    if text.get("size") not in (None, "", "auto"):
+    if text.get("size") not in (None, "auto"):
         raw_size = text["size"]
-        try:
-            size = Size.parse(raw_size[:_ECHO])
-        except ValueError as exc:
-            raise invalid("size", f"Invalid size: {exc}.") from None
-        if len(raw_size) > _ECHO:
-            raise invalid("size", "'size' must be a string like '512x512'.")
+        if not _SIZE.match(raw_size):
+            raise invalid("size", f"'size' must look like 512x512 (WIDTHxHEIGHT) or 'auto', "
+                                  f"got {_clip(raw_size)!r}.")
+        size = Size.parse(raw_size)
 
     if not form.images:
         raise invalid("image", "Missing required parameter: 'image' (a PNG, JPEG or WebP file).")
@@ -275,11 +289,11 @@ def _pictures(image: Image.Image, mask_image: Image.Image | None,
 
 
 def _strength(raw: str | None, default: float) -> float:
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    if not _FLOAT.match(raw.strip()):
-        raise invalid("strength", "'strength' must be a number from 0.01 to 1.")
-    value = float(raw.strip())
+    if not _FLOAT.match(raw):
+        raise invalid("strength", f"'strength' must be a number from {MIN_STRENGTH} to 1.")
+    value = float(raw)
     if not MIN_STRENGTH <= value <= 1.0:
         raise invalid("strength", f"'strength' must be from {MIN_STRENGTH} to 1, got {value:g}.")
     return value
@@ -287,12 +301,8 @@ def _strength(raw: str | None, default: float) -> float:
 
 def _int(text: dict[str, str], key: str, low: int, high: int) -> int | None:
     raw = text.get(key)
-    if raw is None or raw == "":
+    if raw is None:
         return None
-    raw = raw.strip()
-    # Form fields are text; "2.0" is how clients that serialise every number as a float send 2.
-    if raw.endswith(".0"):
-        raw = raw[:-2]
     if not _INT.match(raw):
         raise invalid(key, f"'{key}' must be an integer.")
     value = int(raw)

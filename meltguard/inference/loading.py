@@ -97,9 +97,13 @@ def load_pipeline_dir(model: str, path: Path, *, dtype: torch.dtype) -> Any:
     if index.get("_class_name") != "StableDiffusionPipeline" or not all(
         (path / part).is_dir() for part in _SD_COMPONENTS
     ):
+        # A component saved as [null, null] was left out on purpose (SD3 without its T5
+        # encoder); diffusers loads such a folder only when told so by name.
+        absent = {name: None for name, entry in index.items()
+                  if isinstance(entry, list) and entry == [None, None]}
         with stage(model, "pipeline", kind=str(index.get("_class_name"))):
             return diffusers.DiffusionPipeline.from_pretrained(
-                path, torch_dtype=dtype, local_files_only=True
+                path, torch_dtype=dtype, local_files_only=True, **absent
             )
 
     from transformers import CLIPTextModel, CLIPTokenizer
