@@ -21,6 +21,7 @@ import asyncio
 import io
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, web
@@ -35,7 +36,10 @@ from meltguard.values import EditInput, Picture, Size
 
 # 4096x4096: the largest photo a phone takes today, and 64 MiB as RGBA while it decodes.
 MAX_UPLOAD_PIXELS = 4096 * 4096
+# Pillow's own guard, process-wide: it refuses at twice this in Image.open and warns above it.
+# Ours refuses above it with a 400 before any pixel is decoded, so the warning only repeats it.
 Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MASK_FORMATS = ("PNG",)
