@@ -4,14 +4,18 @@ allocated, and what is accepted reaches the engine as bounded, well-formed pixel
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +32,8 @@ from meltguard.daemon.edit_request import (
 )
 from meltguard.errors import ErrorCode, ServiceError
 from meltguard.values import Size
+from tests.daemon.conftest import KEYS
+from tests.hardening.conftest import Probe, auth, client_for, hardening_policy
 
 LIMITS = Limits(max_size=Size(512, 512))
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,3 +233,68 @@ def test_the_policy_caps_uploads_in_bytes() -> None:
     assert Limits().max_upload_bytes == 4 << 20
     with pytest.raises(ValidationError, match="max_upload_bytes"):
         Limits(max_upload_bytes=10)
+
+
+# -- over HTTP --------------------------------------------------------------------------------
+
+
+def _form(image: bytes, **fields: str) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    for name, value in {"prompt": "edit it", "size": "64x64", **fields}.items():
+        form.add_field(name, value)
+    form.add_field("image", image, filename="a.png", content_type="image/png")
+    return form
+
+
+async def test_the_byte_cap_is_exact_and_refusals_cost_nothing(aiohttp_client: Any,
+                                                               build: Any) -> None:
+    cap = 4096
+    policy = hardening_policy().replace("default_steps: 2}",
+                                        f"default_steps: 2, max_upload_bytes: {cap}}}")
+    assembly = build(policy)
+    probe = Probe(await client_for(aiohttp_client, assembly), assembly)
+    image = encoded(photo(), "PNG")
+    at_cap = image + b"\x00" * (cap - len(image))  # PNG readers stop at IEND
+    probe.sent += 2
+    over = await probe.client.post("/v1/images/edits", headers=auth("free"),
+                                   data=_form(at_cap + b"\x00"))
+    assert over.status == 400
+    error = (await over.json())["error"]
+    assert error["param"] == "image"
+    assert error["message"] == "The 'image' file is larger than the 4 KiB limit."
+    huge = await probe.client.post("/v1/images/edits", headers=auth("free"),
+                                   data=_form(image + b"\x00" * (8 << 20)))
+    assert huge.status == 400
+    assert await probe.quota_used("free") == 0.0
+    probe.sent += 1
+    accepted = await probe.client.post("/v1/images/edits", headers=auth("free"),
+                                       data=_form(at_cap))
+    assert accepted.status == 200, await accepted.text()
+    assert await probe.quota_used("free") == 1.0
+    await probe.settled()
+
+
+async def test_an_upload_that_never_finishes_is_408(aiohttp_client: Any, build: Any) -> None:
+    assembly = build(hardening_policy(), body_timeout=0.5)
+    probe = Probe(await client_for(aiohttp_client, assembly), assembly)
+    reader, writer = await asyncio.open_connection("127.0.0.1", probe.client.port)
+    head = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + encoded(photo(), "PNG")[:40])
+    writer.write(b"POST /v1/images/edits HTTP/1.1\r\nHost: t\r\n"
+                 b"Authorization: Bearer " + KEYS["free"].encode() + b"\r\n"
+                 b"Content-Type: multipart/form-data; boundary=b\r\n"
+                 b"Content-Length: 100000\r\n\r\n" + head)
+    await writer.drain()
+    started = time.monotonic()
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    elapsed = time.monotonic() - started
+    length = next(int(line.split(b":")[1]) for line in answer.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    body = await asyncio.wait_for(reader.readexactly(length), 10)
+    writer.close()
+    probe.sent += 1
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b'"code": "request_timeout"' in body
+    assert 0.4 < elapsed < 3
+    assert await probe.quota_used("free") == 0.0
+    await probe.settled()
