@@ -261,3 +261,35 @@ def test_hostile_uploads_are_refused_by_name_and_cost_nothing(daemon: Daemon) ->
     assert _used(daemon, "free-a") == before
     # And the daemon still serves the same tenant afterwards.
     assert len(edit(sdk(daemon, "free-a")).data) == 1  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from tests.inference.families import build_sd3, build_sdxl
+
+    return {"tiny": "tiny",
+            "sdxl": str(build_sdxl(tmp_path_factory.mktemp("sdxl"))),
+            "sd3": str(build_sd3(tmp_path_factory.mktemp("sd3")))}
+
+
+@pytest.mark.parametrize("family", ["tiny", "sdxl", "sd3"])
+def test_real_pipelines_serve_both_endpoints(daemons: Daemons, model_folders: dict[str, str],
+                                             family: str) -> None:
+    """The embedded tiny model and `--model PATH` folders of two other families (built in
+    code, saved, loaded by the daemon): generations, edits and masked edits through the SDK."""
+    model = model_folders[family]
+    d = daemons.make(policy=policy_yaml(), store="memory", name=family,
+                     args=["--model", model])
+    daemons.start(d)
+    client = sdk(d, "pro")
+    assert [m.id for m in client.models.list()] == [model]
+    made = client.images.generate(prompt="a lighthouse", size="64x64", n=2,
+                                  extra_body={"steps": 2, "seed": 3})
+    redrawn = edit(client, n=2)
+    inpainted = edit(client, n=2, mask=("mask.png", mask_png(), "image/png"))
+    pictures = [decoded(item.b64_json) for result in (made, redrawn, inpainted)
+                for item in result.data]  # type: ignore[attr-defined]
+    assert [p.size for p in pictures] == [(64, 64)] * 6
+    assert len({p.tobytes() for p in pictures}) == 6
+    lines = log_events(d, "admission.decided")
+    assert [line["endpoint"] for line in lines] == ["generations", "edits", "edits"]
