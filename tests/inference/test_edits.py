@@ -124,6 +124,8 @@ async def test_the_tiny_model_edits_with_and_without_a_mask(warm_tiny: Diffusers
     # The picture is what the edit starts from: another one gives other pixels.
     [other] = await warm_tiny.generate(edit_job(3, color=(10, 200, 10)))
     assert np.abs(pixels(other) - arrays[1]).mean() > 1.0
+    # The three pipelines share one stateful scheduler: an edit leaves nothing behind.
+    assert await warm_tiny.generate(text_job(3)) == [generated]
 
 
 async def test_edits_come_back_at_the_admitted_size(warm_tiny: DiffusersEngine) -> None:
@@ -202,6 +204,8 @@ async def test_other_families_serve_generations_and_both_edits(
             outputs.append(pixels(pngs[0]))
         assert np.abs(outputs[0] - outputs[1]).mean() > 1.0
         assert np.abs(outputs[1] - outputs[2]).mean() > 1.0
+        [again] = await engine.generate(text_job(2))
+        assert np.array_equal(pixels(again), outputs[0])
         # One load: the edit pipelines hold the very modules the text-to-image one holds.
         pipelines = [engine._pipeline, *engine._edits.values()]
         denoisers = {id(getattr(p, "unet", None) or p.transformer) for p in pipelines}
