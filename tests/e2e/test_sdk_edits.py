@@ -265,11 +265,12 @@ def test_hostile_uploads_are_refused_by_name_and_cost_nothing(daemon: Daemon) ->
 
 @pytest.fixture(scope="module")
 def model_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from tests.inference.families import build_sd3, build_sdxl
+    from tests.inference.families import build_lcm, build_sd3, build_sdxl
 
     return {"tiny": "tiny",
             "sdxl": str(build_sdxl(tmp_path_factory.mktemp("sdxl"))),
-            "sd3": str(build_sd3(tmp_path_factory.mktemp("sd3")))}
+            "sd3": str(build_sd3(tmp_path_factory.mktemp("sd3"))),
+            "lcm": str(build_lcm(tmp_path_factory.mktemp("lcm") / "lcm"))}
 
 
 @pytest.mark.parametrize("family", ["tiny", "sdxl", "sd3"])
@@ -293,3 +294,23 @@ def test_real_pipelines_serve_both_endpoints(daemons: Daemons, model_folders: di
     assert len({p.tobytes() for p in pictures}) == 6
     lines = log_events(d, "admission.decided")
     assert [line["endpoint"] for line in lines] == ["generations", "edits", "edits"]
+
+
+def test_a_family_without_inpainting_refuses_masked_edits_by_name(
+    daemons: Daemons, model_folders: dict[str, str],
+) -> None:
+    """An LCM folder: generations and edits without a mask are served; a masked edit is a 400
+    naming the mask and the family, before admission, so it costs nothing."""
+    d = daemons.make(policy=policy_yaml(), store="memory", name="lcm",
+                     args=["--model", model_folders["lcm"]])
+    daemons.start(d)
+    client = sdk(d, "free-a")
+    assert len(edit(client).data) == 1  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError) as refused:
+        edit(client, mask=("mask.png", mask_png(), "image/png"))
+    body = refused.value.body
+    assert isinstance(body, dict) and body["param"] == "mask"
+    assert "LatentConsistencyModelPipeline" in body["message"]
+    assert "no inpaint pipeline" in body["message"]
+    assert _used(d, "free-a") == 1.0
+    assert metric_sum(d, "meltguard_admission_decisions_total", {"endpoint": "edits"}) == 1.0

@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from meltguard.inference.loading import untyped_diffusers
-from meltguard.inference.tiny import TINY_TEXT_LENGTH, _write_tokenizer_files, tiny_vocab
+from meltguard.inference.tiny import (
+    TINY_TEXT_LENGTH,
+    _write_tokenizer_files,
+    build_tiny_pipeline,
+    tiny_vocab,
+)
 
 CLIP_WIDTH = 32
 
@@ -100,5 +105,27 @@ def build_sd3(folder: Path, seed: int = 0) -> Path:
             text_encoder_3=None,
             tokenizer_3=None,
         )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def build_lcm(folder: Path) -> Path:
+    """The tiny model's parts as a Latent Consistency Model pipeline: a family diffusers has
+    an image-to-image pipeline for but no inpainting one, so a server of it must refuse
+    masked edits by name."""
+    import torch
+
+    diffusers = untyped_diffusers()
+    parts = build_tiny_pipeline()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # LCM feeds its guidance scale to the UNet as an embedding of this width.
+        unet = diffusers.UNet2DConditionModel.from_config(parts.unet.config,
+                                                          time_cond_proj_dim=32).eval()
+    pipeline = diffusers.LatentConsistencyModelPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+        unet=unet, scheduler=diffusers.LCMScheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
     pipeline.save_pretrained(folder)
     return folder

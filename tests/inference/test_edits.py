@@ -21,7 +21,7 @@ from meltguard.inference.errors import EditUnsupported
 from meltguard.inference.sim import SimEngine
 from meltguard.values import EditInput, GenerationJob, Picture, Size
 
-from .families import build_sd3, build_sdxl
+from .families import build_lcm, build_sd3, build_sdxl
 from .pngs import decode, pixels
 from .test_batcher import Recorder, settle, start_blocker
 from .test_diffusers_engine import FakePipeline, assert_same_picture, fake_engine
@@ -142,6 +142,24 @@ async def test_edits_batched_together_give_the_same_pixels(warm_tiny: DiffusersE
         warm_tiny.generate(text_job(11)),
     )
     assert_same_picture(alone, results[1][0])
+
+
+async def test_a_family_without_an_inpainting_pipeline_says_so(tmp_path: Path) -> None:
+    folder = build_lcm(tmp_path / "lcm")
+    engine = DiffusersEngine("lcm", folder_factory("lcm", folder), max_batch=2,
+                             clock=SystemClock(), device="cpu")
+    try:
+        await engine.warm_up()
+        assert engine.edit_support("image_to_image") is None
+        assert engine.edit_support("inpaint") == (
+            "model 'lcm' is a LatentConsistencyModelPipeline, a family diffusers has no "
+            "inpaint pipeline for")
+        assert [decode(png).size for png in await engine.generate(edit_job(1, n=2))] == [
+            (64, 64)] * 2
+        with pytest.raises(EditUnsupported, match="LatentConsistencyModelPipeline"):
+            await engine.generate(edit_job(1, with_mask=True))
+    finally:
+        await engine.close()
 
 
 async def test_a_family_without_edit_pipelines_says_so() -> None:
