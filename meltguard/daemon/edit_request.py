@@ -59,6 +59,7 @@ _INT = re.compile(r"^[0-9]{1,25}$")
 _FLOAT = re.compile(r"^([0-9]{1,6}(\.[0-9]{1,12})?|\.[0-9]{1,12})$")
 _SIZE = re.compile(r"^[1-9][0-9]{0,5}x[1-9][0-9]{0,5}$")
 _CHUNK = 64 * 1024
+TOO_MANY_IMAGES = "This model edits one image at a time; send a single 'image'."
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,9 @@ async def read_form(request: web.Request, limits: Limits) -> EditForm:
             raise invalid(None, "Every multipart part needs a name (Content-Disposition).")
         if name in FILE_FIELDS:
             param = "image" if name in IMAGE_FIELDS else "mask"
+            if images and param == "image":
+                # Refused before reading it: a request holds at most one image and one mask.
+                raise invalid("image", TOO_MANY_IMAGES)
             data = await _read_part(part, limits.max_upload_bytes, param, "file")
             if name == "mask":
                 if mask is not None:
@@ -207,7 +211,7 @@ def parse_edit_form(form: EditForm, limits: Limits) -> EditRequest:
     if not form.images:
         raise invalid("image", "Missing required parameter: 'image' (a PNG, JPEG or WebP file).")
     if len(form.images) > 1:
-        raise invalid("image", "This model edits one image at a time; send a single 'image'.")
+        raise invalid("image", TOO_MANY_IMAGES)
     image = _open(form.images[0].data, "image", IMAGE_FORMATS)
     mask_image = None
     if form.mask is not None:

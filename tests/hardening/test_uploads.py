@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import struct
 import subprocess
@@ -297,4 +298,32 @@ async def test_an_upload_that_never_finishes_is_408(aiohttp_client: Any, build: 
     assert b'"code": "request_timeout"' in body
     assert 0.4 < elapsed < 3
     assert await probe.quota_used("free") == 0.0
+    await probe.settled()
+
+
+async def test_a_second_image_is_refused_before_it_is_read(aiohttp_client: Any,
+                                                           build: Any) -> None:
+    """The second image part is refused as soon as its headers arrive: the rest of its body
+    (here never sent) is not awaited, so a request holds at most one image and one mask.
+    (aiohttp's part reader reads one chunk ahead, so some of it is sent.)"""
+    assembly = build(hardening_policy(), body_timeout=5)
+    probe = Probe(await client_for(aiohttp_client, assembly), assembly)
+    reader, writer = await asyncio.open_connection("127.0.0.1", probe.client.port)
+    image = encoded(photo(), "PNG")
+    part = (b"--b\r\nContent-Disposition: form-data; name=\"image[]\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n")
+    body = part + image + b"\r\n" + part + image + b"\x00" * 200_000
+    writer.write(b"POST /v1/images/edits HTTP/1.1\r\nHost: t\r\n"
+                 b"Authorization: Bearer " + KEYS["free"].encode() + b"\r\n"
+                 b"Content-Type: multipart/form-data; boundary=b\r\n"
+                 b"Content-Length: 1000000\r\n\r\n" + body)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    length = next(int(line.split(b":")[1]) for line in answer.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    error = json.loads(await asyncio.wait_for(reader.readexactly(length), 2))["error"]
+    writer.close()
+    probe.sent += 1
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert error["param"] == "image" and "one image at a time" in error["message"]
     await probe.settled()
