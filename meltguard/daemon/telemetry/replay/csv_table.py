@@ -1,0 +1,190 @@
+"""CSV traces with named columns: nvidia-smi --query-gpu output in all its variants (units or
+`nounits`, with or without `index`, headers repeated by `>>` appends, nvidia-smi or ISO-8601 times,
+`[N/A]` cells, hex bitmasks) and the CSVs of other loggers, by the synonyms in `columns`.
+
+A file without a header row is read only with the names given (`?columns=...`): its columns
+cannot be told apart by their values (utilization and memory are both small integers).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from meltguard.daemon.telemetry.replay import columns as cols
+from meltguard.daemon.telemetry.replay.cells import LOST, number, parse_time, time_cell
+from meltguard.daemon.telemetry.replay.errors import FORMATS_READ, refuse, shown
+from meltguard.daemon.telemetry.replay.framing import FrameBuilder
+from meltguard.daemon.telemetry.replay.options import ReadOptions
+from meltguard.daemon.telemetry.replay.readings import Readings
+from meltguard.daemon.telemetry.replay.trace import ReplayFrame, Trace
+
+SMI_FORMAT = "nvidia-smi --query-gpu CSV"
+GENERIC_FORMAT = "CSV with named columns"
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    line: int
+    cells: list[str]
+
+
+def sniff_delimiter(first_line: str) -> str:
+    for delimiter in (",", "\t", ";"):
+        if delimiter in first_line:
+            return delimiter
+    return ","
+
+
+def _rows(text: str, delimiter: str) -> list[_Row]:
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True)
+    rows = []
+    for cells in reader:
+        if cells and any(cell.strip() for cell in cells):
+            rows.append(_Row(reader.line_num, [cell.strip() for cell in cells]))
+    return rows
+
+
+def _no_header(origin: str, row: _Row) -> Exception:
+    return refuse(origin, row.line,
+                  f"no header row: the first line is data ({len(row.cells)} cells: "
+                  f"{shown(', '.join(row.cells))}); name the columns in order by appending "
+                  "?columns=timestamp,index,name,temperature.gpu,... to the file name (the "
+                  "--query-gpu list it was recorded with; - skips a column)")
+
+
+def _no_time_column(origin: str, row: _Row) -> Exception:
+    return refuse(origin, row.line,
+                  f"this looks like a CSV, but its header names no time column (saw "
+                  f"{shown(', '.join(row.cells))}); formats read: {FORMATS_READ}; name the "
+                  "columns with ?columns=timestamp,gpu,temp_c,...")
+
+
+def parse_csv(text: str, origin: str, options: ReadOptions, encoding_note: str = "") -> Trace:
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
+    rows = _rows(text, sniff_delimiter(first_line))
+    if not rows:
+        raise refuse(origin, 0, "trace holds no samples")
+    if options.columns is not None:
+        names = list(options.columns)
+        first = rows[0]
+        time_at = next((i for i, n in enumerate(names) if cols.column_for(n) == cols.Column(
+            cols.TIME)), None)
+        # A header row in the file is skipped: the names given replace it.
+        if time_at is not None and time_at < len(first.cells) and parse_time(
+                first.cells[time_at]) is None:
+            rows = rows[1:]
+        header_line = 0
+    else:
+        names = rows[0].cells
+        header_line = rows[0].line
+    mapping = {i: cols.column_for(name) for i, name in enumerate(names)}
+    used = {i: column for i, column in mapping.items() if column is not None}
+    roles = [column.role for column in used.values()]
+    if cols.TIME not in roles:
+        if options.columns is not None:
+            raise refuse(origin, 0, f"columns= names no time column (gave {', '.join(names)}; "
+                                    f"use one of {', '.join(cols.names_for(cols.TIME)[:4])})")
+        if any(parse_time(cell) is not None for cell in rows[0].cells):
+            raise _no_header(origin, rows[0])
+        raise _no_time_column(origin, rows[0])
+    is_smi = any(cols.smi_property(name) in cols.SMI_PROPERTIES for name in names)
+    body = rows if options.columns is not None else rows[1:]
+    header_key = [cols.normalize(name) for name in names]
+    data = [row for row in body if [cols.normalize(c) for c in row.cells] != header_key]
+    repeated = len(body) - len(data)
+    time_index = next(i for i, c in used.items() if c.role == cols.TIME)
+    gpu_index = _choose_gpu_column(used, data, time_index)
+    notes = [encoding_note] if encoding_note else []
+    if repeated:
+        notes.append(f"{repeated} repeated header row(s) skipped")
+    if gpu_index is None:
+        notes.append("no GPU column: one GPU (index 0), or GPUs told apart by uuid")
+    elif sum(1 for c in used.values() if c.role == cols.GPU) > 1:
+        notes.append(f"GPU index from column {names[gpu_index]!r} (the one unique per time)")
+    ignored = [names[i] for i, c in mapping.items() if c is None and names[i] not in ("", "-")]
+    if ignored:
+        notes.append(f"columns not used: {', '.join(ignored)}")
+    frames = _frames(origin, data, len(names), used, time_index, gpu_index,
+                     generic=not is_smi, header_line=header_line)
+    return Trace(origin, SMI_FORMAT if is_smi else GENERIC_FORMAT, frames, tuple(notes))
+
+
+def _choose_gpu_column(used: dict[int, cols.Column], data: Sequence[_Row],
+                       time_index: int) -> int | None:
+    """The GPU column: the first named one whose values never repeat within one timestamp. Some
+    loggers write both `gpu` and `index` with one of them meaning something else."""
+    candidates = [i for i, c in used.items() if c.role == cols.GPU]
+    if len(candidates) < 2:
+        return candidates[0] if candidates else None
+    for i in candidates:
+        seen: dict[str, set[str]] = defaultdict(set)
+        clash = False
+        for row in data:
+            if max(i, time_index) >= len(row.cells):
+                continue
+            values = seen[row.cells[time_index]]
+            if row.cells[i] in values:
+                clash = True
+                break
+            values.add(row.cells[i])
+        if not clash:
+            return i
+    return candidates[0]
+
+
+def _frames(origin: str, data: Sequence[_Row], width: int, used: dict[int, cols.Column],
+            time_index: int, gpu_index: int | None, *, generic: bool,
+            header_line: int) -> tuple[ReplayFrame, ...]:
+    builder = FrameBuilder(origin)
+    uuid_order: dict[str, int] = {}
+    for row in data:
+        cells = row.cells
+        if len(cells) == width + 1 and not cells[-1]:
+            cells = cells[:-1]  # a trailing comma
+        if len(cells) != width:
+            raise refuse(origin, row.line,
+                         f"{len(cells)} cells, the header"
+                         f"{f' (line {header_line})' if header_line else ''} has {width} columns:"
+                         f" {shown(', '.join(cells))}")
+        at = time_cell(cells[time_index], origin, row.line)
+        readings = Readings(index=0)
+        for i, column in used.items():
+            raw = cells[i]
+            if column.role in cols.TEXT_ROLES:
+                if "lost" in raw.lower() and raw.startswith("["):
+                    readings.lost = True
+                elif not raw.startswith("["):
+                    setattr(readings, column.role, raw)
+                continue
+            if column.role in (cols.TIME, cols.GPU):
+                continue
+            value = number(raw, origin, row.line, column.role)
+            if value is LOST:
+                readings.lost = True
+            elif isinstance(value, float) and not (generic and value == -1):
+                # Loggers built on pynvml write -1 for a reading the GPU does not support.
+                readings.values[column.role] = value * column.scale
+        readings.index = _index(cells, gpu_index, readings, builder, at, uuid_order, origin,
+                                row.line)
+        builder.add(at, readings.sample(), row.line)
+    return builder.frames()
+
+
+def _index(cells: list[str], gpu_index: int | None, readings: Readings, builder: FrameBuilder,
+           at: float, uuid_order: dict[str, int], origin: str, line: int) -> int:
+    if gpu_index is None:
+        if readings.uuid:
+            return uuid_order.setdefault(readings.uuid, len(uuid_order))
+        return 0
+    value = number(cells[gpu_index], origin, line, "index")
+    if value is LOST:
+        readings.lost = True
+        return builder.guess_index(at, readings.uuid)
+    if isinstance(value, float) and value >= 0 and value == int(value):
+        return int(value)
+    raise refuse(origin, line, f"the GPU column must hold a GPU index (0, 1, ...), saw "
+                               f"{shown(cells[gpu_index])}")
