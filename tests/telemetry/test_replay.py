@@ -74,7 +74,7 @@ def test_lost_rows_without_an_index_are_placed() -> None:
         [(0, False), (1, True)],
         [(0, True), (1, True)],
     ]
-    with pytest.raises(ReplayFormatError, match="the index column must hold a GPU index"):
+    with pytest.raises(ReplayFormatError, match="<string>:2: index: must hold a GPU index"):
         parse_nvidia_smi_csv("timestamp, index\n2026/11/25 07:38:44.100, [N/A]\n")
 
 
@@ -181,11 +181,12 @@ def test_jsonl_rejects_time_going_backwards_and_duplicates() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("index, temperature.gpu\n0, 50\n", "t.csv:1: nvidia-smi CSV header lacks timestamp"),
+        ("index, temperature.gpu\n0, 50\n", "t.csv:1: this looks like a CSV, but its header names no time column"),
         ("timestamp, index\nyesterday, 0\n", "t.csv:2: timestamp 'yesterday' is not like"),
-        ("timestamp, index, temperature.gpu\n2026/11/25 07:38:44.123, 0, hot\n", "t.csv:2: not a"),
+        ("timestamp, index, temperature.gpu\n2026/11/25 07:38:44.123, 0, hot\n",
+         "t.csv:2: temperature.gpu: not a number: 'hot'"),
         ("timestamp, index, temperature.gpu\n2026/11/25 07:38:44.123, 0\n", "t.csv:2: 2 cells"),
-        ("timestamp, index\n", "t.csv: trace holds no samples"),
+        ("timestamp, index\n", "t.csv:0: trace holds no samples"),
     ],
 )
 def test_csv_errors_name_the_line(text: str, message: str) -> None:

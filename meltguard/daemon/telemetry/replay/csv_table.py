@@ -109,7 +109,8 @@ def parse_csv(text: str, origin: str, options: ReadOptions, encoding_note: str =
     if ignored:
         notes.append(f"columns not used: {', '.join(ignored)}")
     frames = _frames(origin, data, len(names), used, time_index, gpu_index,
-                     generic=not is_smi, header_line=header_line)
+                     generic=not is_smi, header_line=header_line,
+                     names=names)
     return Trace(origin, SMI_FORMAT if is_smi else GENERIC_FORMAT, frames, tuple(notes))
 
 
@@ -138,7 +139,8 @@ def _choose_gpu_column(used: dict[int, cols.Column], data: Sequence[_Row],
 
 def _frames(origin: str, data: Sequence[_Row], width: int, used: dict[int, cols.Column],
             time_index: int, gpu_index: int | None, *, generic: bool,
-            header_line: int) -> tuple[ReplayFrame, ...]:
+            header_line: int, names: Sequence[str]) -> tuple[ReplayFrame, ...]:
+    gpu_name = "" if gpu_index is None else cols.smi_property(names[gpu_index])
     builder = FrameBuilder(origin)
     uuid_order: dict[str, int] = {}
     for row in data:
@@ -162,29 +164,30 @@ def _frames(origin: str, data: Sequence[_Row], width: int, used: dict[int, cols.
                 continue
             if column.role in (cols.TIME, cols.GPU):
                 continue
-            value = number(raw, origin, row.line, column.role)
+            value = number(raw, origin, row.line, cols.smi_property(names[i]))
             if value is LOST:
                 readings.lost = True
             elif isinstance(value, float) and not (generic and value == -1):
                 # Loggers built on pynvml write -1 for a reading the GPU does not support.
                 readings.values[column.role] = value * column.scale
-        readings.index = _index(cells, gpu_index, readings, builder, at, uuid_order, origin,
-                                row.line)
+        readings.index = _index(cells, gpu_index, readings, builder, at, uuid_order,
+                                (origin, row.line, gpu_name))
         builder.add(at, readings.sample(), row.line)
     return builder.frames()
 
 
 def _index(cells: list[str], gpu_index: int | None, readings: Readings, builder: FrameBuilder,
-           at: float, uuid_order: dict[str, int], origin: str, line: int) -> int:
+           at: float, uuid_order: dict[str, int], where: tuple[str, int, str]) -> int:
+    origin, line, column = where
     if gpu_index is None:
         if readings.uuid:
             return uuid_order.setdefault(readings.uuid, len(uuid_order))
         return 0
-    value = number(cells[gpu_index], origin, line, "index")
+    value = number(cells[gpu_index], origin, line, column)
     if value is LOST:
         readings.lost = True
         return builder.guess_index(at, readings.uuid)
     if isinstance(value, float) and value >= 0 and value == int(value):
         return int(value)
-    raise refuse(origin, line, f"the GPU column must hold a GPU index (0, 1, ...), saw "
+    raise refuse(origin, line, f"{column}: must hold a GPU index (0, 1, ...), saw "
                                f"{shown(cells[gpu_index])}")
