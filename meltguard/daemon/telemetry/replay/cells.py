@@ -50,6 +50,7 @@ def number(raw: str, origin: str, line: int, column: str) -> Cell:
 
 _SMI_FORMATS = ("%Y/%m/%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S")
 _EPOCH = re.compile(r"^\d+(?:\.\d+)?$")
+RELATIVE_BELOW = 1e8  # a plain number below this is seconds from the start, not an epoch (1973)
 TIME_HELP = "2026/11/25 07:38:44.123, 2026-11-25T07:38:44+00:00 or epoch seconds/ms/ns"
 
 
@@ -74,7 +75,7 @@ def parse_time(raw: str) -> float | None:
     text = raw.strip()
     if _EPOCH.match(text):
         value = float(text)
-        return epoch_seconds(value) if value >= 1e8 else value
+        return epoch_seconds(value) if value >= RELATIVE_BELOW else value
     for fmt in _SMI_FORMATS:
         try:
             return _as_utc(datetime.strptime(text, fmt))

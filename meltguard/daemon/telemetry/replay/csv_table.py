@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meltguard.daemon.telemetry.replay import columns as cols
-from meltguard.daemon.telemetry.replay.cells import LOST, number, parse_time, time_cell
+from meltguard.daemon.telemetry.replay.cells import (
+    LOST,
+    RELATIVE_BELOW,
+    number,
+    parse_time,
+    time_cell,
+)
 from meltguard.daemon.telemetry.replay.errors import FORMATS_READ, refuse, shown
 from meltguard.daemon.telemetry.replay.framing import FrameBuilder
 from meltguard.daemon.telemetry.replay.options import ReadOptions
@@ -141,6 +147,7 @@ def _frames(origin: str, data: Sequence[_Row], width: int, used: dict[int, cols.
             time_index: int, gpu_index: int | None, *, generic: bool,
             header_line: int, names: Sequence[str]) -> tuple[ReplayFrame, ...]:
     gpu_name = "" if gpu_index is None else cols.smi_property(names[gpu_index])
+    time_scale = used[time_index].scale
     builder = FrameBuilder(origin)
     uuid_order: dict[str, int] = {}
     for row in data:
@@ -153,6 +160,8 @@ def _frames(origin: str, data: Sequence[_Row], width: int, used: dict[int, cols.
                          f"{f' (line {header_line})' if header_line else ''} has {width} columns:"
                          f" {shown(', '.join(cells))}")
         at = time_cell(cells[time_index], origin, row.line)
+        if time_scale != 1.0 and at < RELATIVE_BELOW:
+            at *= time_scale  # a relative time in the column's unit (elapsed_ms)
         readings = Readings(index=0)
         for i, column in used.items():
             raw = cells[i]
