@@ -62,7 +62,7 @@ def decode_trace(data: bytes, origin: str) -> DecodedText:
     except UnicodeDecodeError as exc:
         line = _line_of(data, exc.start)
         line_start = data.rfind(b"\n", 0, exc.start) + 1
-        seen = data[line_start:exc.start].decode("utf-8", "replace")[-30:]
+        seen = data[line_start:exc.start].decode("utf-8", "replace")[-40:]
         raise refuse(origin, line,
                      f"not UTF-8: byte {data[exc.start]:#04x} at column "
                      f"{exc.start - line_start + 1}"
