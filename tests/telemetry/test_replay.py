@@ -181,7 +181,8 @@ def test_jsonl_rejects_time_going_backwards_and_duplicates() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("index, temperature.gpu\n0, 50\n", "t.csv:1: this looks like a CSV, but its header names no time column"),
+        ("index, temperature.gpu\n0, 50\n",
+         "t.csv:1: this looks like a CSV, but its header names no time column"),
         ("timestamp, index\nyesterday, 0\n", "t.csv:2: timestamp 'yesterday' is not like"),
         ("timestamp, index, temperature.gpu\n2026/11/25 07:38:44.123, 0, hot\n",
          "t.csv:2: temperature.gpu: not a number: 'hot'"),

@@ -206,9 +206,11 @@ def test_single_gpu_without_index_and_repeated_header_and_crlf() -> None:
 
 def test_utf8_bom_and_utf16_are_read(tmp_path: Path) -> None:
     text = "timestamp, index, temperature.gpu\n2026/03/09 13:25:35.192, 0, 42\n"
-    for encoding, note in [("utf-8-sig", "read as UTF-8 with BOM"), ("utf-16", "read as UTF-16 LE")]:
+    read_as = [("utf-8-sig", "read as UTF-8 with BOM"), ("utf-16-le", "read as UTF-16 LE")]
+    for encoding, note in read_as:
         path = tmp_path / f"{encoding}.csv"
-        path.write_bytes(text.encode(encoding))
+        bom = b"\xff\xfe" if encoding == "utf-16-le" else b""
+        path.write_bytes(bom + text.encode(encoding))
         trace = load_trace_file(path)
         assert temps(trace) == [42.0] and note in trace.notes
 
