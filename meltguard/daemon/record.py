@@ -64,14 +64,16 @@ def record(source: TelemetrySource, out: TextIO, *, clock: Clock, sleep: Callabl
     last_error: str | None = None
     try:
         while True:
+            # One time for the whole frame (the replay groups a frame's lines by equal `t`).
+            at = clock.monotonic() - start
             try:
                 samples = source.read()
             except TelemetryError as exc:
                 failed, last_error = failed + 1, str(exc)
             else:
                 if samples:
-                    last_t = clock.monotonic() - start
-                    out.writelines(sample_line(last_t, s) + "\n" for s in samples)
+                    last_t = at
+                    out.writelines(sample_line(at, s) + "\n" for s in samples)
                     out.flush()
                     frames += 1
                     gpus.update(s.index for s in samples)

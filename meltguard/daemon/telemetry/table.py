@@ -117,8 +117,8 @@ def _trace_row(index: int, timeline: Sequence[tuple[float, GpuSample]]) -> tuple
     if not known:
         throttle = "not recorded"
     else:
-        throttle = ", ".join(f"{r} ({n})" for r, n in sorted(counts.items(),
-                                                              key=lambda kv: -kv[1])) or "none"
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        throttle = ", ".join(f"{r} ({n})" for r, n in ranked) or "none"
     lost = sum(1 for _, s in timeline if s.lost)
     return (
         str(index),
