@@ -3,6 +3,8 @@ and the `FILE?columns=...` options."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,35 @@ def test_promtool_dump_series_one_after_another() -> None:
     assert temps(trace) == [70.0, 74.0, 79.0]
     assert [f.samples[0].power_w for f in trace.frames] == [380.0, 395.0, 400.0]
     assert trace.frames[0].samples[0].name == "NVIDIA A100-SXM4-80GB"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_a_dump_from_real_promtool(tmp_path: Path) -> None:
+    """DCGM series written into a real Prometheus TSDB, dumped as the README says, replayed."""
+    source = tmp_path / "in.om"
+    source.write_text(
+        "# TYPE DCGM_FI_DEV_GPU_TEMP gauge\n"
+        'DCGM_FI_DEV_GPU_TEMP{gpu="0",UUID="GPU-a",modelName="NVIDIA A100"} 70 1765123200\n'
+        'DCGM_FI_DEV_GPU_TEMP{gpu="0",UUID="GPU-a",modelName="NVIDIA A100"} 88 1765123215\n'
+        'DCGM_FI_DEV_GPU_TEMP{gpu="1",UUID="GPU-b",modelName="NVIDIA A100"} 60 1765123200\n'
+        'DCGM_FI_DEV_GPU_TEMP{gpu="1",UUID="GPU-b",modelName="NVIDIA A100"} 61 1765123215\n'
+        "# TYPE DCGM_FI_DEV_CLOCK_THROTTLE_REASONS gauge\n"
+        'DCGM_FI_DEV_CLOCK_THROTTLE_REASONS{gpu="0",UUID="GPU-a"} 0 1765123200\n'
+        'DCGM_FI_DEV_CLOCK_THROTTLE_REASONS{gpu="0",UUID="GPU-a"} 64 1765123215\n'
+        "# EOF\n"
+    )
+    data = tmp_path / "tsdb"
+    subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics", str(source),
+                    str(data)], check=True, capture_output=True, timeout=60)
+    (data / "wal").mkdir(exist_ok=True)  # dump also reads the head, which a fresh folder lacks
+    dump = subprocess.run(["promtool", "tsdb", "dump", '--match={__name__=~"DCGM_FI_DEV_.*"}',
+                           str(data)], check=True, capture_output=True, text=True, timeout=60)
+    trace = parse_text(dump.stdout, "dump.txt")
+    assert trace.format == "DCGM exporter metrics"
+    assert [f.offset for f in trace.frames] == [0.0, 15.0]
+    assert temps(trace, 0) == [70.0, 88.0] and temps(trace, 1) == [60.0, 61.0]
+    assert only(trace, 1, 0).throttle == {"hw_thermal"} and only(trace, 0, 0).uuid == "GPU-a"
+    assert isinstance(only(trace, 1, 1), ThrottleUnknownSample)
 
 
 def test_dcgm_without_timestamps() -> None:

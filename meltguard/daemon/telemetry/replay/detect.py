@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from meltguard.daemon.telemetry.replay import dcgm, dmon, jsonl
@@ -10,6 +11,8 @@ from meltguard.daemon.telemetry.replay.decode import decode_trace, read_trace_by
 from meltguard.daemon.telemetry.replay.errors import FORMATS_READ, refuse, shown
 from meltguard.daemon.telemetry.replay.options import ReadOptions, split_spec
 from meltguard.daemon.telemetry.replay.trace import ReplayFrame, Trace
+
+_JSON_OBJECT = re.compile(r'^\{\s*("|\})')
 
 
 def _first_line(text: str) -> tuple[int, str]:
@@ -33,7 +36,9 @@ def parse_text(text: str, origin: str, options: ReadOptions | None = None,
     if fmt is None:
         if not first:
             raise refuse(origin, 0, "the file is empty: trace holds no samples")
-        if first.startswith("{") and not first.startswith("{__name__"):
+        # A JSON object opens with a quoted key; a Prometheus label set (promtool tsdb dump) with
+        # a bare label name.
+        if _JSON_OBJECT.match(first):
             fmt = "jsonl"
         elif dmon.looks_like_dmon(first):
             fmt = "dmon"
@@ -45,7 +50,7 @@ def parse_text(text: str, origin: str, options: ReadOptions | None = None,
                                   enumerate(text.splitlines(), start=1)
                                   if line.strip() and not line.strip().startswith("#")),
                                  (line_no, first))
-            if body.startswith("{"):
+            if _JSON_OBJECT.match(body):
                 fmt = "jsonl"
             elif first.startswith(("# HELP", "# TYPE")):
                 raise _unknown(origin, line_no, "Prometheus metrics without DCGM_FI_DEV_ series")
