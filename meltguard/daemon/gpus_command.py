@@ -34,7 +34,8 @@ def _summarise(path: str, indices: tuple[int, ...] | None) -> int:
                        for f in trace.frames)
         trace = replace(trace, frames=tuple(f for f in frames if f.samples))
         if not trace.frames:
-            print(f"{trace.origin}:0: the trace holds none of GPUs {indices}", file=sys.stderr)
+            print(f"{trace.origin}:0: the trace holds none of GPUs {', '.join(map(str, indices))}",
+                  file=sys.stderr)
             return 2
     print(format_trace_summary(trace), end="")
     return 0

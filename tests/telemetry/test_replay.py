@@ -213,3 +213,14 @@ def test_single_frame_lasts_one_second() -> None:
     assert source.read()
     clock.advance(0.02)
     assert source.read() == []
+
+
+def test_open_source_passes_read_options(tmp_path: Path) -> None:
+    from meltguard.daemon.telemetry.select import open_source
+
+    path = tmp_path / "noheader.csv"
+    path.write_text("2026/02/22 23:20:03.856, 0, 65\n2026/02/22 23:20:04.856, 0, 66\n")
+    source, note = open_source(f"replay:{path}?columns=timestamp,index,temperature.gpu",
+                               clock=FakeClock(), busy_seconds=lambda: 0.0, inflight=lambda: 0)
+    assert isinstance(source, ReplaySource) and note is None
+    assert source.read()[0].temperature_c == 65.0

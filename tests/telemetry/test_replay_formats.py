@@ -187,6 +187,14 @@ def test_named_columns_with_synonyms_units_and_sentinels() -> None:
     assert any("fan_speed_percent" in note for note in trace.notes)
 
 
+def test_a_csv_with_dcgm_field_names_is_a_csv() -> None:
+    text = ("timestamp,gpu,DCGM_FI_DEV_GPU_TEMP,DCGM_FI_DEV_POWER_USAGE\n"
+            "1765123200.5,0,77,650.5\n1765123201.5,0,78,651\n")
+    trace = parse_text(text, "d.csv")
+    assert trace.format == "CSV with named columns"
+    assert temps(trace) == [77.0, 78.0] and [f.offset for f in trace.frames] == [0.0, 1.0]
+
+
 def test_named_columns_relative_times_and_delimiters() -> None:
     trace = parse_text("elapsed_ms;gpu;temp_c\n0;0;40\n250;0;41\n", "r.csv")
     assert [f.offset for f in trace.frames] == [0.0, 0.25]

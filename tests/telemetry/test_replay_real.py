@@ -170,6 +170,17 @@ def test_gpus_summary_of_the_h100_collector(capsys: pytest.CaptureFixture[str]) 
     assert "sw_power_cap (300)" in row0 and "68.8/79.6 (86%)" in row0
 
 
+def test_gpus_summary_of_some_gpus(capsys: pytest.CaptureFixture[str]) -> None:
+    trace = f"replay:{spec('h100x8_nvml_collector.csv')}"
+    assert main(["gpus", "--telemetry", trace, "--gpus", "2,5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith("GPUs: 2 (2, 5)")
+    assert [line.split()[0] for line in out[4:6]] == ["2", "5"]
+    assert main(["gpus", "--telemetry", trace, "--gpus", "9"]) == 2
+    assert capsys.readouterr().err == (
+        f"{TRACES / 'h100x8_nvml_collector.csv'}:0: the trace holds none of GPUs 9\n")
+
+
 @pytest.mark.parametrize("name", FILES)
 def test_simulate_runs_on_every_file(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["simulate", "--policy", str(POLICY), "--trace", spec(name), "--duration", "30"])

@@ -80,6 +80,14 @@ def _build() -> dict[str, Column]:
     add("reasons", "clocks_event_reasons_active clocks_throttle_reasons_active "
                    "clocks_event_reasons clocks_throttle_reasons throttle_reasons "
                    "clock_throttle_reasons throttle_reasons_mask throttle_mask")
+    # DCGM field names, as CSV loggers over DCGM name their columns.
+    add("temperature_c", "dcgm_fi_dev_gpu_temp")
+    add("power_w", "dcgm_fi_dev_power_usage")
+    add("utilization_pct", "dcgm_fi_dev_gpu_util")
+    add("memory_used_mib", "dcgm_fi_dev_fb_used")
+    add("memory_free_mib", "dcgm_fi_dev_fb_free")
+    add("memory_total_mib", "dcgm_fi_dev_fb_total")
+    add("reasons", "dcgm_fi_dev_clock_throttle_reasons dcgm_fi_dev_clocks_event_reasons")
     return table
 
 

@@ -53,7 +53,12 @@ class _Sample:
 
 
 def looks_like_dcgm(text: str) -> bool:
-    return "DCGM_FI_" in text[:65536]
+    """Prometheus text naming DCGM fields; a CSV whose header names them is not."""
+    if "DCGM_FI_" not in text[:65536]:
+        return False
+    lines = (line.strip() for line in text[:65536].splitlines())
+    first = next((line for line in lines if line and not line.startswith("#")), "")
+    return first.startswith(("DCGM_FI_", "{")) and _SAMPLE.match(first) is not None
 
 
 def _labels(raw: str, origin: str, line: int) -> dict[str, str]:
