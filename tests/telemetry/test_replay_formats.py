@@ -3,6 +3,7 @@ and the `FILE?columns=...` options."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -228,6 +229,26 @@ def test_tlimit_gives_the_slowdown_temperature_and_reasons_decode() -> None:
     assert first.throttle == {"sw_power_cap"}
     assert (second.slowdown_c, second.throttle) == (87.0, {"sw_power_cap", "sw_thermal"})
     assert (second.power_w, second.power_limit_w) == (349.9, 350.0)
+
+
+def test_the_documented_recording_command_is_read_whole() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    fields = re.findall(r"nvidia-smi --query-gpu=([\w.,]+) --format=csv", readme)
+    assert fields, "the README documents an nvidia-smi recording command"
+    for listed in fields:
+        columns = listed.split(",")
+        assert {"temperature.gpu.tlimit", "clocks_event_reasons.active"} <= set(columns)
+        values = {"timestamp": "2026/11/25 07:38:44.123", "index": "0", "uuid": "GPU-a",
+                  "name": "NVIDIA H100", "temperature.gpu": "84", "temperature.gpu.tlimit": "3",
+                  "utilization.gpu": "97 %", "memory.used": "70000 MiB",
+                  "memory.total": "81559 MiB", "power.draw": "690.00 W",
+                  "power.limit": "700.00 W", "clocks_event_reasons.active": "0x0000000000000020"}
+        text = ", ".join(columns) + "\n" + ", ".join(values[c] for c in columns) + "\n"
+        trace = parse_text(text, "documented.csv")
+        sample = trace.frames[0].samples[0]
+        assert trace.notes == ()  # every column is used
+        assert (sample.slowdown_c, sample.throttle) == (87.0, {"sw_thermal"})
+        assert sample.power_limit_w == 700.0 and sample.memory_ratio is not None
 
 
 def test_single_gpu_without_index_and_repeated_header_and_crlf() -> None:

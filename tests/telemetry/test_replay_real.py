@@ -15,7 +15,8 @@ from meltguard.daemon.telemetry.replay import ReplayFormatError, Trace, load_tra
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "policies" / "bench.yaml"
-# The --query-gpu list the noheader file was recorded with (w1z4rd-1/Insignia's script).
+# The noheader file's columns, as its values read: time, index, name, GPU and memory utilization
+# (%), memory used and total (MiB), temperature (°C), power (W), graphics and memory clocks (MHz).
 NOHEADER_COLUMNS = ("timestamp,index,name,utilization.gpu,utilization.memory,memory.used,"
                     "memory.total,temperature.gpu,power.draw,clocks.gr,clocks.mem")
 
