@@ -307,6 +307,8 @@ def test_options_are_checked(tmp_path: Path) -> None:
         (f"{path}?interval=fast", f"{path}:0: interval='fast' is not a duration"),
         (f"{path}?format=xml", f"{path}:0: format='xml' is not one of"),
         (f"{path}?columns=index,name", f"{path}:0: columns= names no time column"),
+        (f"{path}?columns=timestamp,index",
+         f"{path}:1: 5 cells, columns= names 2: '2026/02/22 23:20:03.856, 0, RTX, 9, 65'"),
     ]:
         with pytest.raises(ReplayFormatError) as caught:
             load_trace_file(spec)

@@ -155,10 +155,10 @@ def _frames(origin: str, data: Sequence[_Row], width: int, used: dict[int, cols.
         if len(cells) == width + 1 and not cells[-1]:
             cells = cells[:-1]  # a trailing comma
         if len(cells) != width:
+            expected = (f"the header (line {header_line}) has {width} columns" if header_line
+                        else f"columns= names {width}")
             raise refuse(origin, row.line,
-                         f"{len(cells)} cells, the header"
-                         f"{f' (line {header_line})' if header_line else ''} has {width} columns:"
-                         f" {shown(', '.join(cells))}")
+                         f"{len(cells)} cells, {expected}: {shown(', '.join(cells))}")
         at = time_cell(cells[time_index], origin, row.line)
         if time_scale != 1.0 and at < RELATIVE_BELOW:
             at *= time_scale  # a relative time in the column's unit (elapsed_ms)
