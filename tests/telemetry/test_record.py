@@ -7,14 +7,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meltguard.clock import FakeClock
 from meltguard.daemon.cli import build_parser, main
-from meltguard.daemon.record import record, run_record
+from meltguard.daemon.record import record, run_record, sample_line
 from meltguard.daemon.telemetry.errors import TelemetryError
 from meltguard.daemon.telemetry.nvml import open_nvml
 from meltguard.daemon.telemetry.replay import load_trace_file, parse_text
 from meltguard.daemon.telemetry.samples import ThrottleUnknownSample, throttle_known
+from meltguard.values import THROTTLE_REASONS, GpuSample
 from tests.fakenvml import NOT_SUPPORTED, FakeNvml
 from tests.telemetry.helpers import ScriptedSource, gpu
 
@@ -135,3 +138,39 @@ def test_record_refusals(fake_nvml: FakeNvml, tmp_path: Path, monkeypatch: pytes
     assert main(["record", "--out", out, "--duration", "1s"]) == 1
     assert capsys.readouterr().err.startswith(
         "meltguard record: NVML unavailable: NVML library libnvidia-ml.so.1 not found")
+
+
+_reading = st.none() | st.floats(min_value=-50, max_value=2000, allow_nan=False)
+_bytes = st.none() | st.integers(min_value=0, max_value=2**48)
+
+
+@st.composite
+def _samples(draw: st.DrawFn) -> GpuSample:
+    fields = {
+        "index": draw(st.integers(min_value=0, max_value=15)),
+        "uuid": draw(st.text(max_size=12)),
+        "name": draw(st.text(max_size=24)),
+        "taken_at": 0.0,
+        **{name: draw(_reading) for name in ("temperature_c", "slowdown_c", "shutdown_c",
+                                             "utilization", "power_w", "power_limit_w")},
+        "memory_used_bytes": draw(_bytes),
+        "memory_total_bytes": draw(_bytes),
+    }
+    kind = draw(st.sampled_from(["known", "unknown", "lost"]))
+    if kind == "lost":
+        return GpuSample(index=fields["index"], uuid=fields["uuid"], name=fields["name"],
+                         taken_at=0.0, lost=True)
+    if kind == "unknown":
+        return ThrottleUnknownSample(**fields)  # type: ignore[arg-type]
+    reasons = draw(st.frozensets(st.sampled_from(THROTTLE_REASONS)))
+    return GpuSample(**fields, throttle=reasons)  # type: ignore[arg-type]
+
+
+@given(st.lists(_samples(), min_size=1, max_size=6, unique_by=lambda s: s.index))
+def test_every_sample_survives_the_round_trip(samples: list[GpuSample]) -> None:
+    text = "".join(sample_line(1.5, s) + "\n" for s in samples)
+    (frame,) = parse_text(text, "prop.jsonl").frames
+    expected = sorted(samples, key=lambda s: s.index)
+    assert list(frame.samples) == expected
+    # Unknown throttle state stays unknown: it is not read back as "not throttling".
+    assert [type(s) for s in frame.samples] == [type(s) for s in expected]
