@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -18,11 +19,11 @@ from meltguard.daemon.telemetry.nvml import open_nvml
 from meltguard.daemon.telemetry.replay import load_trace_file, parse_text
 from meltguard.daemon.telemetry.samples import ThrottleUnknownSample, throttle_known
 from meltguard.values import THROTTLE_REASONS, GpuSample
-from tests.fakenvml import NOT_SUPPORTED, FakeNvml
+from tests.fakenvml import NOT_SUPPORTED, FakeNvml, StateValue
 from tests.telemetry.helpers import ScriptedSource, gpu
 
 GIB = 1024**3
-HOT = {
+HOT: dict[str, StateValue] = {
     "0.name": "NVIDIA H100 80GB HBM3",
     "0.temperature": 80,
     "0.slowdown": 87,
@@ -146,24 +147,23 @@ _bytes = st.none() | st.integers(min_value=0, max_value=2**48)
 
 @st.composite
 def _samples(draw: st.DrawFn) -> GpuSample:
-    fields = {
+    fields: dict[str, Any] = {
         "index": draw(st.integers(min_value=0, max_value=15)),
         "uuid": draw(st.text(max_size=12)),
         "name": draw(st.text(max_size=24)),
         "taken_at": 0.0,
-        **{name: draw(_reading) for name in ("temperature_c", "slowdown_c", "shutdown_c",
-                                             "utilization", "power_w", "power_limit_w")},
-        "memory_used_bytes": draw(_bytes),
-        "memory_total_bytes": draw(_bytes),
     }
     kind = draw(st.sampled_from(["known", "unknown", "lost"]))
     if kind == "lost":
-        return GpuSample(index=fields["index"], uuid=fields["uuid"], name=fields["name"],
-                         taken_at=0.0, lost=True)
+        return GpuSample(**fields, lost=True)
+    for field in ("temperature_c", "slowdown_c", "shutdown_c", "utilization", "power_w",
+                  "power_limit_w"):
+        fields[field] = draw(_reading)
+    for field in ("memory_used_bytes", "memory_total_bytes"):
+        fields[field] = draw(_bytes)
     if kind == "unknown":
-        return ThrottleUnknownSample(**fields)  # type: ignore[arg-type]
-    reasons = draw(st.frozensets(st.sampled_from(THROTTLE_REASONS)))
-    return GpuSample(**fields, throttle=reasons)  # type: ignore[arg-type]
+        return ThrottleUnknownSample(**fields)
+    return GpuSample(**fields, throttle=draw(st.frozensets(st.sampled_from(THROTTLE_REASONS))))
 
 
 @given(st.lists(_samples(), min_size=1, max_size=6, unique_by=lambda s: s.index))

@@ -227,7 +227,8 @@ def test_tlimit_gives_the_slowdown_temperature_and_reasons_decode() -> None:
     assert [f.offset for f in trace.frames] == [0.0, 0.5]  # ISO-8601 with an offset
     assert (first.temperature_c, first.slowdown_c) == (81.0, 87.0)
     assert first.throttle == {"sw_power_cap"}
-    assert (second.slowdown_c, second.throttle) == (87.0, {"sw_power_cap", "sw_thermal"})
+    assert (second.slowdown_c, second.throttle) == (87.0, frozenset({"sw_power_cap",
+                                                                     "sw_thermal"}))
     assert (second.power_w, second.power_limit_w) == (349.9, 350.0)
 
 
@@ -247,7 +248,7 @@ def test_the_documented_recording_command_is_read_whole() -> None:
         trace = parse_text(text, "documented.csv")
         sample = trace.frames[0].samples[0]
         assert trace.notes == ()  # every column is used
-        assert (sample.slowdown_c, sample.throttle) == (87.0, {"sw_thermal"})
+        assert (sample.slowdown_c, sample.throttle) == (87.0, frozenset({"sw_thermal"}))
         assert sample.power_limit_w == 700.0 and sample.memory_ratio is not None
 
 

@@ -156,6 +156,7 @@ def test_gpus_summarises_every_file(name: str, capsys: pytest.CaptureFixture[str
     assert main(["gpus", "--telemetry", f"replay:{spec(name)}"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
+    assert TRACES is not None
     assert lines[0] == f"trace: {TRACES / name}"
     assert lines[1].startswith("format: ")
     assert lines[2].startswith("GPUs: ") and "duration: " in lines[2]
@@ -178,6 +179,7 @@ def test_gpus_summary_of_some_gpus(capsys: pytest.CaptureFixture[str]) -> None:
     assert out[2].startswith("GPUs: 2 (2, 5)")
     assert [line.split()[0] for line in out[4:6]] == ["2", "5"]
     assert main(["gpus", "--telemetry", trace, "--gpus", "9"]) == 2
+    assert TRACES is not None
     assert capsys.readouterr().err == (
         f"{TRACES / 'h100x8_nvml_collector.csv'}:0: the trace holds none of GPUs 9\n")
 
