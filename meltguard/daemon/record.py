@@ -25,6 +25,7 @@ from meltguard.daemon.telemetry.samples import throttle_known
 from meltguard.protocols import Clock, TelemetrySource
 from meltguard.values import THROTTLE_REASONS, GpuSample
 
+_MIN_INTERVAL_S = 0.01
 _FIELDS = ("temperature_c", "slowdown_c", "shutdown_c", "memory_used_bytes",
            "memory_total_bytes", "utilization", "power_w", "power_limit_w")
 
@@ -121,8 +122,10 @@ def run_record(args: argparse.Namespace, *, clock: Clock | None = None,
     except ValueError as exc:
         print(f"meltguard record: {exc}", file=sys.stderr)
         return 2
-    if interval <= 0 or (duration is not None and duration <= 0):
-        print("meltguard record: --interval and --duration must be above zero", file=sys.stderr)
+    if interval < _MIN_INTERVAL_S or (duration is not None and duration <= 0):
+        # Offsets are written to the millisecond; NVML refreshes most readings far less often.
+        print("meltguard record: --interval must be at least 10ms and --duration above zero",
+              file=sys.stderr)
         return 2
     clock = clock or SystemClock()
     try:

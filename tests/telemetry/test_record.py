@@ -131,8 +131,11 @@ def test_record_refusals(fake_nvml: FakeNvml, tmp_path: Path, monkeypatch: pytes
     assert main(["record", "--out", out, "--interval", "soon"]) == 2
     assert capsys.readouterr().err == (
         "meltguard record: expected a duration like 500ms, 10s, 1m, 2h or 1d, got 'soon'\n")
-    assert main(["record", "--out", out, "--interval", "0s"]) == 2
-    assert "above zero" in capsys.readouterr().err
+    for interval in ("0s", "5ms"):
+        assert main(["record", "--out", out, "--interval", interval]) == 2
+        assert "--interval must be at least 10ms" in capsys.readouterr().err
+    assert main(["record", "--out", out, "--duration", "0s"]) == 2
+    assert "--duration above zero" in capsys.readouterr().err
     assert main(["record", "--out", str(tmp_path / "no" / "dir.jsonl"), "--duration", "1s"]) == 2
     assert "cannot write" in capsys.readouterr().err
     monkeypatch.setenv("FAKE_NVML_STATE", str(fake_nvml.state_path) + ".absent")
