@@ -177,3 +177,22 @@ def test_every_sample_survives_the_round_trip(samples: list[GpuSample]) -> None:
     assert list(frame.samples) == expected
     # Unknown throttle state stays unknown: it is not read back as "not throttling".
     assert [type(s) for s in frame.samples] == [type(s) for s in expected]
+
+
+def test_record_to_stdout_until_interrupted(fake_nvml: FakeNvml,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    clock = FakeClock()
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third wait
+        clock.advance(seconds)
+
+    args = build_parser().parse_args(["record", "--out", "-", "--interval", "1s"])
+    assert run_record(args, clock=clock, sleep=sleep) == 0
+    out, err = capsys.readouterr()
+    trace = parse_text(out, "stdout")
+    assert [f.offset for f in trace.frames] == [0.0, 1.0, 2.0]
+    assert err.startswith("recorded 3 frames of 2 GPU(s) over 2.0 s to stdout")
