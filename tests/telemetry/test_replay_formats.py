@@ -265,6 +265,22 @@ def test_single_gpu_without_index_and_repeated_header_and_crlf() -> None:
     assert "1 repeated header row(s) skipped" in trace.notes
 
 
+def test_a_run_appended_with_another_query() -> None:
+    text = (
+        "timestamp, index, temperature.gpu\n"
+        "2026/03/09 13:25:35.000, 0, 42\n"
+        "timestamp, index, temperature.gpu, power.draw [W], clocks_event_reasons.active\n"
+        "2026/03/09 13:30:00.000, 0, 70, 300.00 W, 0x0000000000000004\n"
+    )
+    trace = parse_text(text, "two.csv")
+    assert temps(trace) == [42.0, 70.0]
+    assert [f.offset for f in trace.frames] == [0.0, 265.0]
+    first, second = (f.samples[0] for f in trace.frames)
+    assert isinstance(first, ThrottleUnknownSample) and first.power_w is None
+    assert second.power_w == 300.0 and second.throttle == {"sw_power_cap"}
+    assert "the header changes at line(s) 3" in trace.notes
+
+
 def test_utf8_bom_and_utf16_are_read(tmp_path: Path) -> None:
     text = "timestamp, index, temperature.gpu\n2026/03/09 13:25:35.192, 0, 42\n"
     read_as = [("utf-8-sig", "read as UTF-8 with BOM"), ("utf-16-le", "read as UTF-16 LE")]

@@ -26,7 +26,7 @@ from meltguard.daemon.telemetry.replay.errors import FORMATS_READ, refuse, shown
 from meltguard.daemon.telemetry.replay.framing import FrameBuilder
 from meltguard.daemon.telemetry.replay.options import ReadOptions
 from meltguard.daemon.telemetry.replay.readings import Readings
-from meltguard.daemon.telemetry.replay.trace import ReplayFrame, Trace
+from meltguard.daemon.telemetry.replay.trace import Trace
 
 SMI_FORMAT = "nvidia-smi --query-gpu CSV"
 GENERIC_FORMAT = "CSV with named columns"
@@ -69,44 +69,94 @@ def _no_time_column(origin: str, row: _Row) -> Exception:
                   "columns with ?columns=timestamp,gpu,temp_c,...")
 
 
+@dataclass(slots=True)
+class _Block:
+    """Rows under one header. Runs appended with `>>` repeat the header, or bring a new one
+    when the query changed between runs."""
+
+    names: list[str]
+    line: int  # of the header; 0 for names given with ?columns=
+    rows: list[_Row]
+
+
+def _time_at(names: Sequence[str]) -> int | None:
+    return next((i for i, name in enumerate(names)
+                 if (column := cols.column_for(name)) is not None and column.role == cols.TIME),
+                None)
+
+
+def _time_named(names: Sequence[str]) -> bool:
+    return _time_at(names) is not None
+
+
+def _is_header(row: _Row) -> bool:
+    return _time_named(row.cells) and all(parse_time(cell) is None for cell in row.cells)
+
+
+def _blocks(rows: list[_Row], origin: str, options: ReadOptions) -> tuple[list[_Block], int]:
+    """The rows split under their headers, and how many repeats of the same header were
+    skipped."""
+    if options.columns is not None:
+        names = list(options.columns)
+        if not _time_named(names):
+            raise refuse(origin, 0, f"columns= names no time column (gave {', '.join(names)}; "
+                                    f"use one of {', '.join(cols.names_for(cols.TIME)[:4])})")
+        # A header row in the file (no time where the names put it) is skipped: the names
+        # given replace it.
+        time_at = _time_at(names)
+        first = rows[0].cells
+        header = time_at is not None and time_at < len(first) and parse_time(first[time_at]) is None
+        body = rows[1:] if header else rows
+        return [_Block(names, 0, list(body))], 0
+    if not _time_named(rows[0].cells):
+        if any(parse_time(cell) is not None for cell in rows[0].cells):
+            raise _no_header(origin, rows[0])
+        raise _no_time_column(origin, rows[0])
+    blocks = [_Block(rows[0].cells, rows[0].line, [])]
+    repeated = 0
+    for row in rows[1:]:
+        current = blocks[-1]
+        if [cols.normalize(c) for c in row.cells] == [cols.normalize(n) for n in current.names]:
+            repeated += 1
+        elif _is_header(row):
+            blocks.append(_Block(row.cells, row.line, []))
+        else:
+            current.rows.append(row)
+    return blocks, repeated
+
+
+def _is_smi(names: Sequence[str]) -> bool:
+    return any(cols.smi_property(name) in cols.SMI_PROPERTIES for name in names)
+
+
 def parse_csv(text: str, origin: str, options: ReadOptions, encoding_note: str = "") -> Trace:
     first_line = next((line for line in text.splitlines() if line.strip()), "")
     rows = _rows(text, sniff_delimiter(first_line))
     if not rows:
         raise refuse(origin, 0, "trace holds no samples")
-    if options.columns is not None:
-        names = list(options.columns)
-        first = rows[0]
-        time_at = next((i for i, n in enumerate(names) if cols.column_for(n) == cols.Column(
-            cols.TIME)), None)
-        # A header row in the file is skipped: the names given replace it.
-        if time_at is not None and time_at < len(first.cells) and parse_time(
-                first.cells[time_at]) is None:
-            rows = rows[1:]
-        header_line = 0
-    else:
-        names = rows[0].cells
-        header_line = rows[0].line
-    mapping = {i: cols.column_for(name) for i, name in enumerate(names)}
-    used = {i: column for i, column in mapping.items() if column is not None}
-    roles = [column.role for column in used.values()]
-    if cols.TIME not in roles:
-        if options.columns is not None:
-            raise refuse(origin, 0, f"columns= names no time column (gave {', '.join(names)}; "
-                                    f"use one of {', '.join(cols.names_for(cols.TIME)[:4])})")
-        if any(parse_time(cell) is not None for cell in rows[0].cells):
-            raise _no_header(origin, rows[0])
-        raise _no_time_column(origin, rows[0])
-    is_smi = any(cols.smi_property(name) in cols.SMI_PROPERTIES for name in names)
-    body = rows if options.columns is not None else rows[1:]
-    header_key = [cols.normalize(name) for name in names]
-    data = [row for row in body if [cols.normalize(c) for c in row.cells] != header_key]
-    repeated = len(body) - len(data)
-    time_index = next(i for i, c in used.items() if c.role == cols.TIME)
-    gpu_index = _choose_gpu_column(used, data, time_index)
+    blocks, repeated = _blocks(rows, origin, options)
     notes = [encoding_note] if encoding_note else []
     if repeated:
         notes.append(f"{repeated} repeated header row(s) skipped")
+    if len(blocks) > 1:
+        notes.append(f"the header changes at line(s) {', '.join(str(b.line) for b in blocks[1:])}")
+    builder = FrameBuilder(origin)
+    uuid_order: dict[str, int] = {}
+    for block in blocks:
+        notes += _read_block(block, origin, builder, uuid_order)
+    is_smi = any(_is_smi(block.names) for block in blocks)
+    return Trace(origin, SMI_FORMAT if is_smi else GENERIC_FORMAT, builder.frames(),
+                 tuple(dict.fromkeys(notes)))
+
+
+def _read_block(block: _Block, origin: str, builder: FrameBuilder,
+                uuid_order: dict[str, int]) -> list[str]:
+    names = block.names
+    mapping = {i: cols.column_for(name) for i, name in enumerate(names)}
+    used = {i: column for i, column in mapping.items() if column is not None}
+    time_index = next(i for i, c in used.items() if c.role == cols.TIME)
+    gpu_index = _choose_gpu_column(used, block.rows, time_index)
+    notes = []
     if gpu_index is None:
         notes.append("no GPU column: one GPU (index 0), or GPUs told apart by uuid")
     elif sum(1 for c in used.values() if c.role == cols.GPU) > 1:
@@ -114,10 +164,9 @@ def parse_csv(text: str, origin: str, options: ReadOptions, encoding_note: str =
     ignored = [names[i] for i, c in mapping.items() if c is None and names[i] not in ("", "-")]
     if ignored:
         notes.append(f"columns not used: {', '.join(ignored)}")
-    frames = _frames(origin, data, len(names), used, time_index, gpu_index,
-                     generic=not is_smi, header_line=header_line,
-                     names=names)
-    return Trace(origin, SMI_FORMAT if is_smi else GENERIC_FORMAT, frames, tuple(notes))
+    _frames(origin, block, used, time_index, gpu_index, builder, uuid_order,
+            generic=not _is_smi(names))
+    return notes
 
 
 def _choose_gpu_column(used: dict[int, cols.Column], data: Sequence[_Row],
@@ -143,14 +192,13 @@ def _choose_gpu_column(used: dict[int, cols.Column], data: Sequence[_Row],
     return candidates[0]
 
 
-def _frames(origin: str, data: Sequence[_Row], width: int, used: dict[int, cols.Column],
-            time_index: int, gpu_index: int | None, *, generic: bool,
-            header_line: int, names: Sequence[str]) -> tuple[ReplayFrame, ...]:
+def _frames(origin: str, block: _Block, used: dict[int, cols.Column], time_index: int,
+            gpu_index: int | None, builder: FrameBuilder, uuid_order: dict[str, int], *,
+            generic: bool) -> None:
+    names, width, header_line = block.names, len(block.names), block.line
     gpu_name = "" if gpu_index is None else cols.smi_property(names[gpu_index])
     time_scale = used[time_index].scale
-    builder = FrameBuilder(origin)
-    uuid_order: dict[str, int] = {}
-    for row in data:
+    for row in block.rows:
         cells = row.cells
         if len(cells) == width + 1 and not cells[-1]:
             cells = cells[:-1]  # a trailing comma
@@ -182,7 +230,6 @@ def _frames(origin: str, data: Sequence[_Row], width: int, used: dict[int, cols.
         readings.index = _index(cells, gpu_index, readings, builder, at, uuid_order,
                                 (origin, row.line, gpu_name))
         builder.add(at, readings.sample(), row.line)
-    return builder.frames()
 
 
 def _index(cells: list[str], gpu_index: int | None, readings: Readings, builder: FrameBuilder,
