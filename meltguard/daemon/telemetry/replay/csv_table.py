@@ -89,8 +89,12 @@ def _time_named(names: Sequence[str]) -> bool:
     return _time_at(names) is not None
 
 
-def _is_header(row: _Row) -> bool:
-    return _time_named(row.cells) and all(parse_time(cell) is None for cell in row.cells)
+def _is_header(row: _Row, time_at: int) -> bool:
+    """A header among data rows: no time where the time column is, and a time column named."""
+    cells = row.cells
+    if time_at < len(cells) and parse_time(cells[time_at]) is not None:
+        return False
+    return _time_named(cells) and all(parse_time(cell) is None for cell in cells)
 
 
 def _blocks(rows: list[_Row], origin: str, options: ReadOptions) -> tuple[list[_Block], int]:
@@ -113,13 +117,15 @@ def _blocks(rows: list[_Row], origin: str, options: ReadOptions) -> tuple[list[_
             raise _no_header(origin, rows[0])
         raise _no_time_column(origin, rows[0])
     blocks = [_Block(rows[0].cells, rows[0].line, [])]
+    time_at = _time_at(rows[0].cells) or 0
     repeated = 0
     for row in rows[1:]:
         current = blocks[-1]
-        if [cols.normalize(c) for c in row.cells] == [cols.normalize(n) for n in current.names]:
+        if row.cells == current.names:  # `>>` appends repeat the header byte for byte
             repeated += 1
-        elif _is_header(row):
+        elif _is_header(row, time_at):
             blocks.append(_Block(row.cells, row.line, []))
+            time_at = _time_at(row.cells) or 0
         else:
             current.rows.append(row)
     return blocks, repeated
