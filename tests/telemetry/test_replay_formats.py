@@ -34,6 +34,19 @@ def only(trace: Trace, frame: int, index: int) -> GpuSample:
     return sample
 
 
+# ---- meltguard JSONL ---------------------------------------------------------------------------
+
+
+def test_a_recording_with_its_comment_line() -> None:
+    trace = load_trace_file(DATA / "recorded.jsonl")
+    assert trace.format == "meltguard JSONL"
+    assert [f.offset for f in trace.frames] == [0.0, 0.5]
+    hot = only(trace, 1, 0)
+    assert hot.slowdown_c == 87.0 and hot.throttle == {"sw_power_cap", "sw_thermal"}
+    assert isinstance(only(trace, 0, 1), ThrottleUnknownSample)
+    assert only(trace, 1, 1).lost and only(trace, 1, 1).uuid == "GPU-7a3e9b10"
+
+
 # ---- nvidia-smi dmon ----------------------------------------------------------------------------
 
 
