@@ -117,7 +117,7 @@ def test_record_command(fake_nvml: FakeNvml, tmp_path: Path,
                      "2026-01-01T00:16:40+00:00")
     assert main(["gpus", "--telemetry", f"replay:{path}"]) == 0
     summary = capsys.readouterr().out.splitlines()
-    assert summary[1] == "format: meltguard JSONL"
+    assert summary[1] == "format: meltguard JSONL   started: 2026-01-01T00:16:40+00:00"
     assert summary[2].startswith("GPUs: 1 (0)   duration: 0.8s   frames: 4, every 0.25 s")
     row = summary[4]
     for cell in ("80 (80 at 0.0s)", "87", "651", "700", "70.0/80.0 (88%)",

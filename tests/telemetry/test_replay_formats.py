@@ -40,6 +40,7 @@ def only(trace: Trace, frame: int, index: int) -> GpuSample:
 def test_a_recording_with_its_comment_line() -> None:
     trace = load_trace_file(DATA / "recorded.jsonl")
     assert trace.format == "meltguard JSONL"
+    assert trace.started == "2026-12-07T14:00:00+00:00"
     assert [f.offset for f in trace.frames] == [0.0, 0.5]
     hot = only(trace, 1, 0)
     assert hot.slowdown_c == 87.0 and hot.throttle == {"sw_power_cap", "sw_thermal"}
@@ -62,6 +63,7 @@ def test_dmon_without_times_takes_passes_one_second_apart() -> None:
     assert only(trace, 1, 1).utilization is None  # "-" is absent, never 0
     assert isinstance(busy, ThrottleUnknownSample)  # dmon has no reasons column
     assert any("1 s apart" in note for note in trace.notes)
+    assert trace.started is None  # dmon without -o DT says nothing of when
 
 
 def test_dmon_interval_option() -> None:
@@ -74,6 +76,7 @@ def test_dmon_date_and_time_columns_cross_midnight() -> None:
     assert trace.format == "nvidia-smi dmon"
     assert [f.offset for f in trace.frames] == [0.0, 1.0, 3.0]
     assert temps(trace) == [83.0, 85.0, 84.0]
+    assert trace.started == "20261207 23:59:58"
 
 
 def test_dmon_time_only_wraps_at_midnight() -> None:
@@ -104,6 +107,7 @@ def test_dcgm_scrapes_become_frames() -> None:
     trace = load_trace_file(DATA / "dcgm.prom")
     assert trace.format == "DCGM exporter metrics"
     assert [f.offset for f in trace.frames] == [0.0, 15.0]
+    assert trace.started == "2025-12-07 16:00:00 UTC"  # from the ms timestamps
     first = only(trace, 0, 0)
     assert first.uuid == "GPU-5fd4e1a0-1111-2222-3333-444455556666"
     assert first.name == "NVIDIA H100 80GB HBM3"
@@ -194,6 +198,7 @@ def test_named_columns_with_synonyms_units_and_sentinels() -> None:
     trace = load_trace_file(DATA / "named_columns.csv")
     assert trace.format == "CSV with named columns"
     assert [f.offset for f in trace.frames] == [0.0, 0.5]  # epoch milliseconds
+    assert trace.started == "2025-12-07 16:00:00 UTC"
     a, b = trace.frames[0].samples
     assert (a.index, a.temperature_c, a.power_w, a.utilization) == (0, 55.0, 120.5, 0.30)
     assert a.memory_used_bytes == 10 * GIB and a.memory_total_bytes == 80 * GIB
@@ -212,6 +217,7 @@ def test_a_csv_with_dcgm_field_names_is_a_csv() -> None:
 def test_named_columns_relative_times_and_delimiters() -> None:
     trace = parse_text("elapsed_ms;gpu;temp_c\n0;0;40\n250;0;41\n", "r.csv")
     assert [f.offset for f in trace.frames] == [0.0, 0.25]
+    assert trace.started is None  # offsets, not times
     trace = parse_text("t\tgpu_id\tgpu_temp\n0\t0\t40\n2\t0\t41\n", "r.tsv")
     assert temps(trace) == [40.0, 41.0]
 
@@ -238,6 +244,7 @@ def test_tlimit_gives_the_slowdown_temperature_and_reasons_decode() -> None:
     assert trace.format == "nvidia-smi --query-gpu CSV"
     first, second = (f.samples[0] for f in trace.frames)
     assert [f.offset for f in trace.frames] == [0.0, 0.5]  # ISO-8601 with an offset
+    assert trace.started == "2026-12-07T10:00:00.000+01:00"  # as written: zones are kept
     assert (first.temperature_c, first.slowdown_c) == (81.0, 87.0)
     assert first.throttle == {"sw_power_cap"}
     assert (second.slowdown_c, second.throttle) == (87.0, frozenset({"sw_power_cap",

@@ -165,7 +165,7 @@ def test_gpus_summarises_every_file(name: str, capsys: pytest.CaptureFixture[str
 def test_gpus_summary_of_the_h100_collector(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["gpus", "--telemetry", f"replay:{spec('h100x8_nvml_collector.csv')}"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1] == "format: CSV with named columns"
+    assert out[1] == "format: CSV with named columns   started: 2026-04-01 01:53:43 UTC"
     assert out[2].startswith("GPUs: 8 (0, 1, 2, 3, 4, 5, 6, 7)   duration: 5m 36.8s   frames: 335")
     row0 = out[4]
     assert row0.startswith("0    NVIDIA H100 80GB HBM3  33-76 (76 at 1m 36.6s)")

@@ -150,9 +150,10 @@ def format_trace_summary(trace: Trace) -> str:
         interval += f"; {gaps[0]:.2f}-{gaps[-1]:.2f} s)" if gaps[-1] - gaps[0] > 0.05 else ")"
     else:
         interval = "one frame"
+    started = "" if trace.started is None else f"   started: {trace.started}"
     lines = [
         f"trace: {trace.origin}",
-        f"format: {trace.format}",
+        f"format: {trace.format}{started}",
         f"GPUs: {len(indices)} ({', '.join(map(str, indices))})   "
         f"duration: {_seconds(offsets[-1] - offsets[0])}   frames: {len(frames)}, {interval}",
         *_columns([_TRACE_HEADERS, *(_trace_row(i, by_gpu[i]) for i in indices)]),

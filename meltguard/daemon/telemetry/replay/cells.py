@@ -110,3 +110,16 @@ def date_and_clock(date: str, clock: str) -> float | None:
         return _as_utc(datetime.strptime(f"{date.strip()} {clock.strip()}", "%Y%m%d %H:%M:%S"))
     except ValueError:
         return None
+
+
+def utc_text(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def stamp(raw: str, at: float) -> str | None:
+    """How a time cell reads to a person: as written, but an epoch number in UTC, and nothing for
+    an offset from the start. A stamp without a zone stays as written: its zone is unknown."""
+    text = raw.strip()
+    if _EPOCH.match(text):
+        return utc_text(at) if at >= RELATIVE_BELOW else None
+    return text

@@ -20,6 +20,7 @@ from meltguard.daemon.telemetry.replay.cells import (
     RELATIVE_BELOW,
     number,
     parse_time,
+    stamp,
     time_cell,
 )
 from meltguard.daemon.telemetry.replay.errors import FORMATS_READ, refuse, shown
@@ -152,7 +153,7 @@ def parse_csv(text: str, origin: str, options: ReadOptions, encoding_note: str =
         notes += _read_block(block, origin, builder, uuid_order)
     is_smi = any(_is_smi(block.names) for block in blocks)
     return Trace(origin, SMI_FORMAT if is_smi else GENERIC_FORMAT, builder.frames(),
-                 tuple(dict.fromkeys(notes)))
+                 tuple(dict.fromkeys(notes)), builder.started)
 
 
 def _read_block(block: _Block, origin: str, builder: FrameBuilder,
@@ -235,7 +236,8 @@ def _frames(origin: str, block: _Block, used: dict[int, cols.Column], time_index
                 readings.values[column.role] = value * column.scale
         readings.index = _index(cells, gpu_index, readings, builder, at, uuid_order,
                                 (origin, row.line, gpu_name))
-        builder.add(at, readings.sample(), row.line)
+        builder.add(at, readings.sample(), row.line,
+                    stamp=None if builder.started else stamp(cells[time_index], at))
 
 
 def _index(cells: list[str], gpu_index: int | None, readings: Readings, builder: FrameBuilder,

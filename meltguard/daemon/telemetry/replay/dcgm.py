@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from meltguard.daemon.telemetry.replay.cells import LOST, number
+from meltguard.daemon.telemetry.replay.cells import LOST, number, utc_text
 from meltguard.daemon.telemetry.replay.errors import refuse, shown
 from meltguard.daemon.telemetry.replay.framing import FrameBuilder
 from meltguard.daemon.telemetry.replay.options import ReadOptions
@@ -123,7 +123,8 @@ def parse_dcgm(text: str, origin: str, options: ReadOptions, encoding_note: str 
 
     def flush() -> None:
         for index in sorted(frame):
-            builder.add(frame_at, frame[index].sample(), frame_line, group_by_time=True)
+            builder.add(frame_at, frame[index].sample(), frame_line, group_by_time=True,
+                        stamp=utc_text(frame_at) if stamped else None)
 
     for sample in ordered:
         key = (sample.gpu, _METRICS[sample.metric][0])
@@ -147,4 +148,4 @@ def parse_dcgm(text: str, origin: str, options: ReadOptions, encoding_note: str 
         elif sample.value is not None:
             readings.values[field] = sample.value * scale
     flush()
-    return Trace(origin, FORMAT, builder.frames(), tuple(notes))
+    return Trace(origin, FORMAT, builder.frames(), tuple(notes), builder.started)

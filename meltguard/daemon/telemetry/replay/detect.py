@@ -13,6 +13,8 @@ from meltguard.daemon.telemetry.replay.options import ReadOptions, split_spec
 from meltguard.daemon.telemetry.replay.trace import ReplayFrame, Trace
 
 _JSON_OBJECT = re.compile(r'^\{\s*("|\})')
+# The comment `meltguard record` opens its file with (offsets in the file count from this time).
+_RECORDED = re.compile(r"^# meltguard record: .*\bstarted (\S+)")
 
 
 def _first_line(text: str) -> tuple[int, str]:
@@ -66,8 +68,9 @@ def parse_text(text: str, origin: str, options: ReadOptions | None = None,
         else:
             fmt = "csv"
     if fmt == "jsonl":
+        started = _RECORDED.match(first)
         return Trace(origin, jsonl.FORMAT, jsonl.parse_jsonl(text, origin=origin),
-                     (note,) if note else ())
+                     (note,) if note else (), started.group(1) if started else None)
     if fmt == "dmon":
         return dmon.parse_dmon(text, origin, options, note)
     if fmt == "dcgm":

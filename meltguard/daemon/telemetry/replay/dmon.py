@@ -89,11 +89,14 @@ def parse_dmon(text: str, origin: str, options: ReadOptions, encoding_note: str 
             at = day + clock
         else:
             at = passes * interval
-        builder.add(at, readings.sample(), line_no)
+        when = None
+        if has_time:
+            when = f"{row['date']} {row['time']}" if "date" in row else row["time"]
+        builder.add(at, readings.sample(), line_no, stamp=when)
     if not names:
         raise refuse(origin, 0, "no '# gpu ...' header line: not nvidia-smi dmon output")
     notes = [encoding_note] if encoding_note else []
     if not has_time:
         notes.append(f"no time columns (dmon without -o DT): passes taken {interval:g} s apart")
     notes.append("throttle reasons not recorded by dmon")
-    return Trace(origin, FORMAT, builder.frames(), tuple(notes))
+    return Trace(origin, FORMAT, builder.frames(), tuple(notes), builder.started)

@@ -16,6 +16,7 @@ class FrameBuilder:
         self._first: float | None = None
         self._last: tuple[float, int] | None = None  # (time, index) of the latest row
         self._by_uuid: dict[str, int] = {}
+        self._started: str | None = None
 
     def guess_index(self, at: float, uuid: str) -> int:
         """Index for a row whose index cell reads `[GPU is lost]`: the index its UUID had earlier,
@@ -27,9 +28,13 @@ class FrameBuilder:
             return self._last[1] + 1
         return 0
 
-    def add(self, at: float, sample: GpuSample, line: int, *, group_by_time: bool = False) -> None:
+    def add(self, at: float, sample: GpuSample, line: int, *, group_by_time: bool = False,
+            stamp: str | None = None) -> None:
+        """`stamp`: the row's time as written, kept for the first row to say when the trace
+        starts."""
         if self._first is None:
             self._first = at
+            self._started = stamp
         self._last = (at, sample.index)
         if sample.uuid:
             self._by_uuid.setdefault(sample.uuid, sample.index)
@@ -53,6 +58,11 @@ class FrameBuilder:
         else:
             assert current is not None
             current[1].append(sample)
+
+    @property
+    def started(self) -> str | None:
+        """The first row's time as the file wrote it (see `stamp`), or None."""
+        return self._started
 
     def frames(self) -> tuple[ReplayFrame, ...]:
         if not self._frames:

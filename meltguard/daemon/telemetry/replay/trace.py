@@ -22,6 +22,7 @@ class Trace:
     format: str  # e.g. "nvidia-smi --query-gpu CSV"
     frames: tuple[ReplayFrame, ...]
     notes: tuple[str, ...] = ()  # how it was read: encoding, the GPU column, assumed intervals
+    started: str | None = None  # the first frame's time as the file gives it, when it does
 
 
 def frames_from_samples(
