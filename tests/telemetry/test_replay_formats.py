@@ -158,6 +158,14 @@ def test_a_dump_from_real_promtool(tmp_path: Path) -> None:
     assert isinstance(only(trace, 1, 1), ThrottleUnknownSample)
 
 
+def test_dcgm_scrapes_apart_in_time_are_apart_even_without_a_repeat() -> None:
+    text = ('DCGM_FI_DEV_GPU_TEMP{gpu="0"} 50 1765123200000\n'
+            'DCGM_FI_DEV_GPU_TEMP{gpu="1"} 51 1765123215000\n')
+    trace = parse_text(text, "t.prom")
+    assert [(f.offset, [s.index for s in f.samples]) for f in trace.frames] == [(0.0, [0]),
+                                                                                 (15.0, [1])]
+
+
 def test_dcgm_without_timestamps() -> None:
     one = 'DCGM_FI_DEV_GPU_TEMP{gpu="0"} 50\nDCGM_FI_DEV_GPU_TEMP{gpu="1"} 51\n'
     trace = parse_text(one, "s.prom")

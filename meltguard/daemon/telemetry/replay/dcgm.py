@@ -19,19 +19,21 @@ from meltguard.daemon.telemetry.replay.readings import Readings
 from meltguard.daemon.telemetry.replay.trace import Trace
 
 FORMAT = "DCGM exporter metrics"
+# The fields of one scrape are stamped milliseconds apart; a gap longer than this is a new scrape.
+_SAME_SCRAPE_S = 1.0
 _METRICS = {
-    "DCGM_FI_DEV_GPU_TEMP": ("temperature_c", 1.0),
-    "DCGM_FI_DEV_SLOWDOWN_TEMP": ("slowdown_c", 1.0),
-    "DCGM_FI_DEV_SHUTDOWN_TEMP": ("shutdown_c", 1.0),
-    "DCGM_FI_DEV_POWER_USAGE": ("power_w", 1.0),
-    "DCGM_FI_DEV_POWER_MGMT_LIMIT": ("power_limit_w", 1.0),
-    "DCGM_FI_DEV_ENFORCED_POWER_LIMIT": ("power_limit_w", 1.0),
-    "DCGM_FI_DEV_GPU_UTIL": ("utilization_pct", 1.0),
-    "DCGM_FI_DEV_FB_USED": ("memory_used_mib", 1.0),
-    "DCGM_FI_DEV_FB_FREE": ("memory_free_mib", 1.0),
-    "DCGM_FI_DEV_FB_TOTAL": ("memory_total_mib", 1.0),
-    "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS": ("reasons", 1.0),
-    "DCGM_FI_DEV_CLOCKS_EVENT_REASONS": ("reasons", 1.0),
+    "DCGM_FI_DEV_GPU_TEMP": "temperature_c",
+    "DCGM_FI_DEV_SLOWDOWN_TEMP": "slowdown_c",
+    "DCGM_FI_DEV_SHUTDOWN_TEMP": "shutdown_c",
+    "DCGM_FI_DEV_POWER_USAGE": "power_w",
+    "DCGM_FI_DEV_POWER_MGMT_LIMIT": "power_limit_w",
+    "DCGM_FI_DEV_ENFORCED_POWER_LIMIT": "power_limit_w",
+    "DCGM_FI_DEV_GPU_UTIL": "utilization_pct",
+    "DCGM_FI_DEV_FB_USED": "memory_used_mib",
+    "DCGM_FI_DEV_FB_FREE": "memory_free_mib",
+    "DCGM_FI_DEV_FB_TOTAL": "memory_total_mib",
+    "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS": "reasons",
+    "DCGM_FI_DEV_CLOCKS_EVENT_REASONS": "reasons",
 }
 _SAMPLE = re.compile(
     r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)?\s*(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)"
@@ -127,9 +129,10 @@ def parse_dcgm(text: str, origin: str, options: ReadOptions, encoding_note: str 
                         stamp=utc_text(frame_at) if stamped else None)
 
     for sample in ordered:
-        key = (sample.gpu, _METRICS[sample.metric][0])
-        if key in seen:
-            if not stamped and not options.interval:
+        key = (sample.gpu, _METRICS[sample.metric])
+        later = sample.at is not None and sample.at - frame_at > _SAME_SCRAPE_S
+        if key in seen or (frame and later):
+            if key in seen and not stamped and not options.interval:
                 raise refuse(origin, sample.line,
                              f"{sample.metric} for GPU {sample.gpu} repeats in samples without "
                              "timestamps; say how far apart the scrapes were with ?interval=15s")
@@ -142,10 +145,9 @@ def parse_dcgm(text: str, origin: str, options: ReadOptions, encoding_note: str 
         readings = frame.setdefault(sample.gpu, Readings(index=sample.gpu))
         readings.uuid = readings.uuid or sample.uuid
         readings.name = readings.name or sample.name
-        field, scale = _METRICS[sample.metric]
         if sample.lost:
             readings.lost = True
         elif sample.value is not None:
-            readings.values[field] = sample.value * scale
+            readings.values[_METRICS[sample.metric]] = sample.value
     flush()
     return Trace(origin, FORMAT, builder.frames(), tuple(notes), builder.started)
