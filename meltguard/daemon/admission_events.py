@@ -38,16 +38,18 @@ def _decision_fields(event: Decided) -> dict[str, object]:
 class RequestLine:
     """The one log line of an HTTP request, and the decision that joins it."""
 
-    __slots__ = ("decided",)
+    __slots__ = ("decided", "endpoint")
 
     def __init__(self) -> None:
         self.decided: Decided | None = None
+        self.endpoint = "generations"  # the images route that asked: generations or edits
 
     def write(self, method: str, path: str, status: int, caller: Caller | None,
               ms: float) -> None:
         answer = {"method": method, "path": path, "status": status}
         if self.decided is not None:
-            log.info("admission.decided", **answer, ms=ms, **_decision_fields(self.decided))
+            log.info("admission.decided", endpoint=self.endpoint, **answer, ms=ms,
+                     **_decision_fields(self.decided))
         elif caller is None:
             log.info("http.request", **answer, tier="none", ms=ms)
         else:
@@ -63,6 +65,13 @@ def open_request_line() -> RequestLine:
     line = RequestLine()
     _CURRENT.set(line)
     return line
+
+
+def set_endpoint(endpoint: str) -> None:
+    """Name the images route serving this request, for its decision's line and series."""
+    line = _CURRENT.get()
+    if line is not None:
+        line.endpoint = endpoint
 
 
 class AdmissionEvents:
@@ -82,11 +91,12 @@ class AdmissionEvents:
     def _apply(self, event: Event) -> None:
         metrics = self.metrics
         if isinstance(event, Decided):
+            line = _CURRENT.get()
             if metrics is not None:
                 # An admission's stay in the queue, zero when a slot was free (see events.py).
                 metrics.decided(event.tier, event.decision, event.reason,
-                                None if event.decision == "reject" else event.wait_s)
-            line = _CURRENT.get()
+                                None if event.decision == "reject" else event.wait_s,
+                                line.endpoint if line is not None else "generations")
             if line is not None and line.decided is None:
                 line.decided = event  # the request's own line reports it
             else:

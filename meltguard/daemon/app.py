@@ -1,4 +1,5 @@
-"""The aiohttp application: routes, the edge middleware, and resource lifecycles.
+"""The aiohttp application: routes, the edge middleware, and resource lifecycles (the images
+routes' request path is images.py).
 
 Everything is injected (settings, engine, gate, clock, registry) so tests build the same app
 the CLI runs, with fakes of our own Protocols where they want them.
@@ -7,7 +8,6 @@ the CLI runs, with fakes of our own Protocols where they want them.
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import logging
 import os
@@ -23,37 +23,17 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from meltguard.admission.auth import Caller
-from meltguard.admission.permit import Permit
 from meltguard.daemon.admission_events import RequestLine, open_request_line
-from meltguard.daemon.errors import (
-    engine_detail,
-    engine_error,
-    error_response,
-    from_http_exception,
-)
-from meltguard.daemon.image_request import parse_image_request
-from meltguard.daemon.logs import bind_caller, start_request_context
+from meltguard.daemon.app_keys import CALLER, INFLIGHT, METRICS, RUNTIME, InflightRequests
+from meltguard.daemon.edit_route import create_edit
+from meltguard.daemon.errors import error_response, from_http_exception
+from meltguard.daemon.images import create_image, get_image_file, refusal_response
+from meltguard.daemon.logs import start_request_context
 from meltguard.daemon.metrics import Metrics
 from meltguard.daemon.openapi import openapi_document
 from meltguard.daemon.ratelimit_headers import ratelimit_headers
 from meltguard.daemon.runtime import Runtime
-from meltguard.errors import ErrorCode, Refused, ServiceError, invalid
-
-
-class InflightRequests:
-    """Handler tasks of the requests being served now. A drain that runs out of time cancels
-    them through `abandon_inflight`, and each answers 503 instead of losing its connection."""
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.abandoned = False
-
-
-RUNTIME = web.AppKey("runtime", Runtime)
-METRICS = web.AppKey("metrics", Metrics)
-INFLIGHT = web.AppKey("inflight", InflightRequests)
-CALLER = web.RequestKey("caller", Caller)
+from meltguard.errors import ErrorCode, ServiceError, invalid
 
 log = structlog.get_logger("meltguard")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -78,6 +58,7 @@ def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application
     if _quiet_protocol_errors not in server_log.filters:
         server_log.addFilter(_quiet_protocol_errors)
     app.router.add_post("/v1/images/generations", create_image)
+    app.router.add_post("/v1/images/edits", create_edit)
     app.router.add_get("/v1/images/files/{name}", get_image_file)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/quota", get_quota)
@@ -210,118 +191,6 @@ def _account(
                round((time.perf_counter() - started) * 1000, 2))
 
 
-async def refusal_response(request: web.Request, refused: Refused) -> web.Response:
-    """The refusal in OpenAI's shape, with the caller's rate-limit headers once it is known."""
-    runtime = request.app[RUNTIME]
-    overload_status = runtime.gate.overload_status
-    caller = request.get(CALLER)
-    if caller is None:
-        return error_response(refused, overload_status=overload_status)
-    outcome = refused.quota
-    # The store just failed; asking it again for headers would double the outage's cost.
-    if outcome is None and refused.code is not ErrorCode.QUOTA_STORE_UNAVAILABLE:
-        try:
-            outcome = await runtime.gate.quota_status(caller)
-        except Exception:  # the store being down must not turn a 4xx into a 500
-            outcome = None
-    headers = ratelimit_headers(outcome, runtime.clock.wall()) if outcome is not None else None
-    return error_response(refused, headers, overload_status=overload_status)
-
-
-# -- images -----------------------------------------------------------------------------------
-
-
-async def _read_body(request: web.Request, seconds: float) -> bytes:
-    try:
-        async with asyncio.timeout(seconds):
-            return await request.read()
-    except TimeoutError:
-        raise ServiceError(ErrorCode.REQUEST_TIMEOUT,
-                           f"The request body did not arrive within {seconds:g} s.") from None
-
-
-async def create_image(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    if not runtime.accepting:
-        raise ServiceError(ErrorCode.SHUTTING_DOWN, "The server is shutting down; retry shortly.",
-                           retry_after=2.0)
-    gate = runtime.gate
-    caller = gate.authenticate(request.headers.get("Authorization"), request.remote or "unknown")
-    request[CALLER] = caller  # the request's line names the tenant and tier from here on
-    body = await _read_body(request, runtime.settings.body_timeout)
-    parsed = parse_image_request(body, request.content_type)
-    if parsed.model is not None and parsed.model != runtime.engine.name:
-        raise invalid("model", f"Unknown model {_clip(parsed.model)!r}; this server runs "
-                               f"{runtime.engine.name!r} (see /v1/models).")
-    if runtime.settings.log_prompts:
-        structlog.contextvars.bind_contextvars(prompt=parsed.ask.prompt)
-    if not runtime.engine.health().ready:
-        raise ServiceError(ErrorCode.SERVER_OVERLOADED, "The model is still loading.",
-                           retry_after=5.0)
-
-    runtime.request_started()
-    try:
-        permit = await gate.decide(caller, parsed.ask)
-        if isinstance(permit, Refused):
-            return await refusal_response(request, permit)
-        # For the lines written while the image is made (the engine's, a refund's).
-        bind_caller(caller.tenant, caller.tier)
-        pngs = await _generate(runtime, permit)
-    finally:
-        runtime.request_finished()
-
-    now = runtime.clock.wall()
-    if parsed.response_format == "url":
-        base = runtime.settings.base_url
-        data = [{"url": f"{base}/v1/images/files/{runtime.images.put(png, now)}.png"}
-                for png in pngs]
-    else:
-        data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
-    job = permit.job
-    body_out = {
-        "created": int(now),
-        "data": data,
-        "usage": {"images": len(pngs), "size": str(job.size), "steps": job.steps,
-                  "cost": round(permit.cost, 6)},
-    }
-    headers = ratelimit_headers(permit.quota, now) if permit.quota is not None else {}
-    if permit.degraded:
-        headers["x-meltguard-degraded"] = ", ".join(permit.degraded)
-    headers["x-meltguard-seed"] = str(job.seed)
-    return web.json_response(body_out, headers=headers)
-
-
-async def _generate(runtime: Runtime, permit: Permit) -> list[bytes]:
-    """Run the permit's job; the permit settles on the way out (see admission/permit.py)."""
-    clock = runtime.clock
-    try:
-        async with permit:
-            started = clock.monotonic()
-            pngs = await runtime.engine.generate(permit.job)
-            seconds = clock.monotonic() - started
-            permit.settle("success", seconds=seconds)
-    except Exception as exc:
-        error = engine_error(exc, runtime.gate.retry_hint())
-        if error.code is ErrorCode.GENERATION_FAILED:
-            prompt = None if runtime.settings.log_prompts else permit.job.prompt
-            log.error("engine.failed", error=engine_detail(exc, prompt))
-        raise error from None
-    metrics = runtime.metrics
-    if metrics is not None:
-        metrics.generation.labels(runtime.engine.name).observe(seconds)
-        metrics.images.labels(permit.tier).inc(len(pngs))
-    return pngs
-
-
-async def get_image_file(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    name = request.match_info["name"].removesuffix(".png")
-    png = runtime.images.get(name, runtime.clock.wall())
-    if png is None:
-        raise ServiceError(ErrorCode.NOT_FOUND, "Unknown or expired image.")
-    return web.Response(body=png, content_type="image/png")
-
-
 # -- the rest of the API ----------------------------------------------------------------------
 
 
@@ -391,11 +260,6 @@ async def openapi_handler(request: web.Request) -> web.Response:
 
 
 # -- admin ------------------------------------------------------------------------------------
-
-
-def _clip(text: str, limit: int = 64) -> str:
-    """Echo at most `limit` characters of client input: a 1 MiB field must not come back."""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_loopback(remote: str | None) -> bool:

@@ -91,10 +91,10 @@ class Metrics:
         registry.register(_LiveCollector(view))
 
     def decided(self, tier: str, decision: str, reason: str,
-                waited: float | None = None) -> None:
+                waited: float | None = None, endpoint: str = "generations") -> None:
         """One decision; `waited` is an admission's stay in the queue (zero when a slot was
         free), recorded with it."""
-        self.decisions.labels(tier, decision, reason).inc()
+        self.decisions.labels(tier, decision, reason, endpoint).inc()
         if waited is not None:
             self.queue_wait.labels(tier).observe(waited)
 

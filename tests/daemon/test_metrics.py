@@ -20,8 +20,8 @@ def test_decisions_requests_and_waits_are_counted() -> None:
     metrics.waited("pro", 0.3)
     metrics.decided("pro", "queue", "ok", 2.0)
     value = registry.get_sample_value
-    assert value("meltguard_admission_decisions_total",
-                 {"tier": "pro", "decision": "admit", "reason": "ok"}) == 3.0
+    assert value("meltguard_admission_decisions_total", {
+        "tier": "pro", "decision": "admit", "reason": "ok", "endpoint": "generations"}) == 3.0
     assert value("meltguard_requests_total", {"tier": "pro", "code": "200"}) == 3.0
     assert value("meltguard_queue_wait_seconds_count", {"tier": "pro"}) == 5.0
     assert value("meltguard_queue_wait_seconds_sum", {"tier": "pro"}) == 2.3
@@ -32,7 +32,7 @@ def test_a_refusal_records_no_wait() -> None:
     metrics, registry = _metrics()
     metrics.decided("free", "reject", "daily_quota_exceeded")
     text = generate_latest(registry).decode()
-    assert ('meltguard_admission_decisions_total{decision="reject",'
+    assert ('meltguard_admission_decisions_total{decision="reject",endpoint="generations",'
             'reason="daily_quota_exceeded",tier="free"} 1.0') in text
     assert registry.get_sample_value("meltguard_queue_wait_seconds_count",
                                      {"tier": "free"}) is None
