@@ -309,7 +309,8 @@ async def _serve(runtime: Runtime, engine: SimEngine, caller: Caller,
     try:
         permit = await runtime.gate.admit(caller, ask)
     except ServiceError as err:
-        return RequestRecord(0.0, caller.tier, status_of(err), err.code.value, 0.0)
+        status = status_of(err, runtime.gate.overload_status)
+        return RequestRecord(0.0, caller.tier, status, err.code.value, 0.0)
     started = runtime.clock.monotonic()
     try:
         pngs = await engine.generate(permit.job)
