@@ -250,7 +250,7 @@ class Gate:
         shadow = self._policy.mode == "shadow"
         shaped.would = self._shed(shaped)
         if shaped.would is None or shadow:
-            await self._charge(shaped, shadow)
+            await self._charge(shaped)
         slot: Slot | None = None
         if shaped.would is None or shadow:
             slot = await self._queue(shaped, shadow)
@@ -279,7 +279,7 @@ class Gate:
             return None
         return refusals.shed(shaped.caller.tier, shaped.level, self._retry_after_cooling())
 
-    async def _charge(self, shaped: _Ask, shadow: bool) -> None:
+    async def _charge(self, shaped: _Ask) -> None:
         """Charge the cost to the tier's windows. Cancellation-safe: a client that leaves
         while the store call is in flight has its charge voided by id (the call may have
         landed or not), in a refund task `drain()` awaits."""
