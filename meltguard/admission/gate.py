@@ -19,7 +19,8 @@ enforcement would have done (`would_reject` with the first refusal, `would_degra
 Every charge is refunded, under its own id, unless its permit settles `success`: a refusal
 after the charge, a client that leaves in the queue or while the store call is in flight, a
 failed or dropped generation. The store's ids make each refund count once, and a refund that
-reaches the store before its charge void it.
+reaches the store before its charge voids it. (A consume that failed with an error is the
+store chain's to void: stores/refunds.py.)
 """
 
 from __future__ import annotations
@@ -83,7 +84,6 @@ class Charge:
     cost: float
     at: float  # the store's clock at the charge: a refund goes to the windows current then
     charge_id: str
-    confirmed: bool = True  # False: the store failed to answer, so it may or may not have landed
 
 
 @dataclass(slots=True)
@@ -296,16 +296,13 @@ class Gate:
             self._spawn_refund(charge)
             raise
         except Exception as exc:  # any store failure: network, timeout, corruption, bug
+            # Nothing is known charged. A consume that may have landed all the same is the
+            # store chain's to void by its id (stores/refunds.py), which knows whether the
+            # call could have been applied at all.
             self._store_failed(exc)
             if self._policy.on_store_error == "closed":
-                # Whatever reached the store is voided, now or when it comes back.
-                self._spawn_refund(charge)
                 shaped.would = shaped.would or refusals.store_unavailable(self._rng.random())
             else:
-                # Admitted uncounted. A charge that did land stays with the request, so one
-                # that ends without an image voids it by id like any other.
-                shaped.charge = Charge(windows, shaped.cost, now, charge.charge_id,
-                                       confirmed=False)
                 shaped.fail_open = True
             return
         if quota.allowed:
@@ -409,8 +406,7 @@ class Gate:
 
     @staticmethod
     def _charged(charge: Charge | None) -> float:
-        """What a refund of `charge` is known to give back."""
-        return charge.cost if charge is not None and charge.confirmed else 0.0
+        return charge.cost if charge is not None else 0.0
 
     async def _refund_now(self, shaped: _Ask) -> None:
         """Refund before answering. Shielded: if the request is cancelled meanwhile, the

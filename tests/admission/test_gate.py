@@ -521,9 +521,9 @@ async def test_store_failure_fails_open() -> None:
     assert permit.quota is None and permit.charged == 0.0
     assert env.of(StoreFailed) == [StoreFailed("broken", "ConnectionError: store is down")]
     assert env.last.decision == "admit" and env.last.reason == "fail_open"
-    permit.settle("failed")  # nothing known charged; the charge id is voided all the same
+    permit.settle("failed")  # nothing was charged, so nothing to refund
     await env.gate.drain()
-    assert env.store.calls == 2 and len(env.of(StoreFailed)) == 2
+    assert env.store.calls == 1 and len(env.of(StoreFailed)) == 1
     assert env.of(Settled)[-1] == Settled("free", "failed", 0.0)
 
 
