@@ -4,11 +4,14 @@ asyncio when asked, and names the loop it runs on."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+from pathlib import Path
 
 import pytest
 
 from meltguard.daemon.serve import StartupError, loop_factory, loop_name
+from tests.process import Daemon
 
 
 def _run_on(choice: str) -> str:
@@ -36,3 +39,19 @@ def test_asking_for_uvloop_without_it_is_a_startup_error(monkeypatch: pytest.Mon
     assert loop_factory("auto") is None
     with pytest.raises(StartupError, match="uvloop is not installed"):
         loop_factory("uvloop")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("choice", "expected"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_the_listening_line_names_the_loop(tmp_path: Path, choice: str, expected: str) -> None:
+    if expected == "uvloop" and not sys.platform.startswith("linux"):
+        pytest.skip("uvloop is a Linux dependency")
+    daemon = Daemon(["--model", "sim", "--telemetry", "sim", "--store", "memory",
+                     "--loop", choice], log_path=tmp_path / "daemon.log")
+    try:
+        daemon.start()
+    finally:
+        assert daemon.stop() == 0
+    lines = [json.loads(text) for text in daemon.log().splitlines() if text.startswith("{")]
+    [listening] = [line for line in lines if line["event"] == "meltguard.listening"]
+    assert listening["loop"] == expected
