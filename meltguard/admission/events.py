@@ -1,7 +1,7 @@
 """What the gate tells the outside world. The daemon turns these into metrics and log lines;
 admission itself never touches prometheus_client or structlog.
 
-Exactly one `Decided` is emitted per `Gate.admit` call that reaches a decision, so
+Exactly one `Decided` is emitted per `Gate.decide` call that reaches a decision, so
 `admission_decisions_total` counts requests once:
 - `admit`: runs as asked, without waiting for a slot;
 - `queue`: runs as asked after waiting in the queue (wait_s > 0);
@@ -44,7 +44,7 @@ class Decided:
     decision: Decision
     reason: str  # an ErrorCode value, "ok" or "fail_open"
     level: Level
-    cost: float  # reference images the admitted job costs (0 when rejected before costing)
+    cost: float  # reference images the job costs (0 when refused before it was costed)
     wait_s: float  # seconds spent waiting for a slot
     degraded: tuple[str, ...] = ()
 
