@@ -33,6 +33,8 @@ from meltguard.daemon.metrics import Metrics
 from meltguard.daemon.openapi import openapi_document
 from meltguard.daemon.ratelimit_headers import ratelimit_headers
 from meltguard.daemon.runtime import Runtime
+from meltguard.daemon.stores.lifecycle import QUOTA_STORE
+from meltguard.daemon.stores.lifecycle import readiness as store_readiness
 from meltguard.errors import ErrorCode, ServiceError, invalid
 from meltguard.inference.errors import EngineOutOfMemory
 from meltguard.values import QuotaOutcome
@@ -374,7 +376,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     health = runtime.engine.health()
-    ready = health.ready and runtime.accepting
+    store = await store_readiness(request.app.get(QUOTA_STORE))
+    ready = health.ready and runtime.accepting and store["ok"]
     body = {
         "ready": ready,
         "engine": {"name": runtime.engine.name, "ready": health.ready, "detail": health.detail,
@@ -383,6 +386,7 @@ async def readyz(request: web.Request) -> web.Response:
         "pressure": runtime.level.label,
         "policy": {"mode": runtime.loaded.policy.mode, "sha256": runtime.loaded.sha256},
         "accepting": runtime.accepting,
+        "store": store,
     }
     return web.json_response(body, status=200 if ready else 503)
 
