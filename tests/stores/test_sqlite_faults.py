@@ -34,34 +34,38 @@ async def test_a_file_that_is_not_a_database_fails_at_ping(tmp_path: Path) -> No
         await store.close()
 
 
+def _read_only(directory: Path, path: Path) -> None:
+    for leftover in directory.glob("quota.sqlite3-*"):
+        leftover.unlink()
+    path.chmod(0o444)
+    directory.chmod(0o555)
+
+
 @pytest.mark.skipif(ROOT, reason="root writes through read-only permissions")
 async def test_a_read_only_file_fails_at_ping(tmp_path: Path) -> None:
     path = tmp_path / "quota.sqlite3"
     first = SqliteQuotaStore(path)
     await first.ping()
     await first.close()
-    for leftover in tmp_path.glob("quota.sqlite3-*"):
-        leftover.unlink()
-    path.chmod(0o444)
-    tmp_path.chmod(0o555)
+    _read_only(tmp_path, path)
     store = SqliteQuotaStore(path)
     try:
-        with pytest.raises(QuotaStoreError, match="readonly|read-only|unable to open"):
+        with pytest.raises(QuotaStoreError, match=r"readonly|read-only|unable to open"):
             await store.ping()
     finally:
-        tmp_path.chmod(0o755)
+        os.chmod(tmp_path, 0o755)
         await store.close()
 
 
 @pytest.mark.skipif(ROOT, reason="root writes through read-only permissions")
 async def test_a_read_only_directory_fails_at_ping(tmp_path: Path) -> None:
-    tmp_path.chmod(0o555)
+    os.chmod(tmp_path, 0o555)
     store = SqliteQuotaStore(tmp_path / "quota.sqlite3")
     try:
         with pytest.raises(QuotaStoreError, match="unable to open"):
             await store.ping()
     finally:
-        tmp_path.chmod(0o755)
+        os.chmod(tmp_path, 0o755)
         await store.close()
 
 
