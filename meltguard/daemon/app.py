@@ -27,6 +27,7 @@ from meltguard.admission.auth import Caller
 from meltguard.admission.gate import Permit
 from meltguard.daemon.admission_events import RequestLine, open_request_line
 from meltguard.daemon.errors import error_response, from_http_exception
+from meltguard.daemon.http_guard import body_guard, expect_handler
 from meltguard.daemon.image_request import parse_image_request
 from meltguard.daemon.logs import bind_caller, start_request_context
 from meltguard.daemon.metrics import Metrics
@@ -60,8 +61,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application:
+    max_body = runtime.settings.max_body_bytes
     app = web.Application(
-        client_max_size=runtime.settings.max_body_bytes, middlewares=[edge_middleware]
+        client_max_size=max_body, middlewares=[edge_middleware, body_guard(max_body)]
     )
     app[RUNTIME] = runtime
     app[INFLIGHT] = InflightRequests()
@@ -73,7 +75,8 @@ def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application
     server_log = logging.getLogger("aiohttp.server")
     if _quiet_protocol_errors not in server_log.filters:
         server_log.addFilter(_quiet_protocol_errors)
-    app.router.add_post("/v1/images/generations", create_image)
+    app.router.add_post("/v1/images/generations", create_image,
+                        expect_handler=expect_handler(max_body))
     app.router.add_get("/v1/images/files/{name}", get_image_file)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/quota", get_quota)
