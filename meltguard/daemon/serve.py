@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from meltguard.admission.policy import Policy
 from meltguard.clock import SystemClock
+from meltguard.daemon import fd_guard
 from meltguard.daemon.admission_events import AdmissionEvents
 from meltguard.daemon.app import abandon_inflight, create_app
 from meltguard.daemon.logs import configure_logging
@@ -233,6 +234,7 @@ async def _watch_policy(runtime: Runtime, interval: float) -> None:
 async def serve(settings: Settings) -> int:
     clock = SystemClock()
     registry = CollectorRegistry()
+    fd_guard.install(asyncio.get_running_loop())
     assembly = assemble(settings, clock, registry)
     runtime = assembly.runtime
     if runtime.telemetry_note:
