@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from meltguard.admission.quota_memory import MemoryQuotaStore
 from meltguard.daemon.stores import QuotaStoreError, RedisQuotaStore
 from meltguard.daemon.stores.refunds import RefundingStore
 from meltguard.values import QuotaWindow
@@ -172,3 +174,34 @@ async def test_the_queue_is_bounded(redis_server: RedisServer, tenant: str) -> N
         assert [line["event"] for line in logs].count("quota.refund_dropped") == 1
     finally:
         await store.close()
+
+
+class _SlowRefunds(MemoryQuotaStore):
+    """Our own store whose refunds take a while, recording when it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    async def refund(self, windows: Any, cost: float, charged_at: float, *,
+                     charge_id: str | None = None) -> None:
+        await asyncio.sleep(0.2)
+        await super().refund(windows, cost, charged_at, charge_id=charge_id)
+        self.events.append("refunded")
+
+    async def close(self) -> None:
+        self.events.append("closed")
+        await super().close()
+
+
+async def test_close_waits_for_a_refund_in_progress_before_closing_the_store() -> None:
+    inner = _SlowRefunds()
+    store = RefundingStore(inner)
+    windows = day("{mg:slow}")
+    charged = await store.consume(windows, 1, 1_767_225_600.0, charge_id="s")
+    refund = asyncio.create_task(store.refund(windows, 1, charged.charged_at, charge_id="s"))
+    await asyncio.sleep(0.01)
+    await store.close()
+    await refund
+    assert inner.events == ["refunded", "closed"]
+    assert store.refunds_total == {"success": 1, "retry": 0, "dropped": 0, "abandoned": 0}

@@ -108,6 +108,9 @@ class RefundingStore:
         self._sleep = sleep
         self._rng = rng
         self._worker: asyncio.Task[None] | None = None
+        self._direct = 0  # refunds being tried by their caller, not by the worker
+        self._no_direct = asyncio.Event()
+        self._no_direct.set()
         self._closed = False
 
     @property
@@ -175,6 +178,8 @@ class RefundingStore:
             self._enqueue(entry)
             return
         self._in_flight.append(entry)
+        self._direct += 1
+        self._no_direct.clear()
         try:
             await self._attempt(entry)
         except asyncio.CancelledError:
@@ -185,6 +190,10 @@ class RefundingStore:
             self._in_flight.remove(entry)
             self._enqueue(entry)
             return
+        finally:
+            self._direct -= 1
+            if not self._direct:
+                self._no_direct.set()
         self._in_flight.remove(entry)
 
     async def peek(self, windows: Sequence[QuotaWindow], now: float) -> QuotaOutcome:
@@ -203,12 +212,18 @@ class RefundingStore:
         if self._closed:
             return
         self._closed = True
-        if self._queue or self._in_flight:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._drain_timeout
+        # Refunds being tried directly finish first (or join the queue when they fail).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_direct.wait(), self._drain_timeout)
+        if self._queue:
             self._wake()
         worker = self._worker
         if worker is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(worker), self._drain_timeout)
+                await asyncio.wait_for(asyncio.shield(worker),
+                                       max(0.0, deadline - loop.time()))
             except TimeoutError:
                 worker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
