@@ -241,3 +241,30 @@ def test_refunds_made_while_redis_is_frozen_are_given_back_when_it_resumes(
     assert len(refunded) == 4 and all(line["attempts"] >= 2 for line in refunded), refunded
     assert metric(daemon, "meltguard_quota_refunds_total", {"result": "success"}) == 4
     assert metric(daemon, "meltguard_images_generated_total", {"tier": "team"}) == 0
+
+
+def test_a_flushed_redis_admits_again_within_a_second_or_so(
+    daemons: Daemons, redis_server: RedisServer
+) -> None:
+    # Issue 17 item 5: the over-limit cache kept refusing until midnight UTC after FLUSHALL
+    # (or a Redis restart, or another replica's refund) while /v1/quota said 0 used.
+    daemon = daemons.make(policy=policy_yaml(team_quota="{limit: 2, per: 1d}"),
+                          store=redis_server.url)
+    daemons.start(daemon)
+    for _ in range(2):
+        status, _, body = generate(daemon, "team")
+        assert status == 200, body
+    status, _, body = generate(daemon, "team")
+    assert status == 429 and error_code(body) == "daily_quota_exceeded", body
+    admin = redis_server.client()
+    try:
+        admin.flushall()
+    finally:
+        admin.close()
+    flushed = time.monotonic()
+    waited = wait_for(lambda: generate(daemon, "team")[0] == 200,
+                      "the tenant to be admitted after FLUSHALL", timeout=5, every=0.1)
+    # The cache's hold (1 s) plus the gate's own one-second refusal memory, plus slack.
+    assert time.monotonic() - flushed < 3.0, waited
+    status, _, body = daemon.request("GET", "/v1/quota", headers=auth("team"), timeout=10)
+    assert status == 200 and body["windows"][0]["used"] == 1, body

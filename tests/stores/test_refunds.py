@@ -205,3 +205,37 @@ async def test_close_waits_for_a_refund_in_progress_before_closing_the_store() -
     await refund
     assert inner.events == ["refunded", "closed"]
     assert store.refunds_total == {"success": 1, "retry": 0, "dropped": 0, "abandoned": 0}
+
+
+class _FailsTimes(MemoryQuotaStore):
+    """Our own store whose refunds fail the first `times` calls."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.left = times
+
+    async def refund(self, windows: Any, cost: float, charged_at: float, *,
+                     charge_id: str | None = None) -> None:
+        if self.left:
+            self.left -= 1
+            raise QuotaStoreError("memory", "down")
+        await super().refund(windows, cost, charged_at, charge_id=charge_id)
+
+
+async def test_retries_back_off_exponentially_with_jitter_up_to_the_cap() -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    inner = _FailsTimes(8)
+    store = RefundingStore(inner, backoff_min=0.05, backoff_max=1.0, sleep=sleep,
+                           rng=lambda: 1.0)  # the top of each jitter range
+    windows = day("{mg:b}")
+    charged = await store.consume(windows, 1, 1_767_225_600.0, charge_id="x")
+    await store.refund(windows, 1, charged.charged_at, charge_id="x")
+    await drained(store)
+    assert slept == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]  # the direct try, then 7 retries
+    assert store.refunds_total["retry"] == 8 and store.refunds_total["success"] == 1
+    assert (await inner.peek(windows, 1_767_225_601.0)).windows[0].used == 0
+    await store.close()
