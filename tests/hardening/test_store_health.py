@@ -99,12 +99,16 @@ def test_no_redis_password_in_any_log_line_metric_or_admin_answer(tmp_path: Path
     port = free_port()  # nothing listens: every store call fails and is logged
     daemon = _daemon(tmp_path, f"redis://:{secret}@127.0.0.1:{port}/0")
     (tmp_path / "query").mkdir()
-    env_daemon = _daemon(tmp_path / "query", f"redis://127.0.0.1:{port}/0?password={secret}")
-    for d in (daemon, env_daemon):
+    query_daemon = _daemon(tmp_path / "query", f"redis://127.0.0.1:{port}/0?password={secret}")
+    (tmp_path / "env").mkdir()
+    env_daemon = _daemon(tmp_path / "env", f"redis://127.0.0.1:{port}/0",
+                         env={"MELTGUARD_REDIS_PASSWORD": secret})
+    every = (daemon, query_daemon, env_daemon)
+    for d in every:
         d.start(60, ready=False)
     try:
         seen: list[str] = []
-        for d in (daemon, env_daemon):
+        for d in every:
             d.request("POST", "/v1/images/generations", {"prompt": "x"},
                       {"Authorization": "Bearer sk-free-test"}, timeout=10)
             d.request("GET", "/v1/quota", headers={"Authorization": "Bearer sk-free-test"})
@@ -114,14 +118,14 @@ def test_no_redis_password_in_any_log_line_metric_or_admin_answer(tmp_path: Path
                 seen.append(str(answer))
             d.signal(signal.SIGHUP)
         time.sleep(0.5)
-        for d in (daemon, env_daemon):
+        for d in every:
             d.stop()
             seen.append(d.log_path.read_text() if d.log_path else "")
         text = "\n".join(seen)
         assert "meltguard.listening" in text and "quota_store" in text
         assert secret not in text
     finally:
-        for d in (daemon, env_daemon):
+        for d in every:
             d.kill()
 
 
