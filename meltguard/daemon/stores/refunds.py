@@ -75,6 +75,8 @@ class StoreHealth:
     since: float = field(default_factory=time.time)
 
     def record(self, error: BaseException | None) -> None:
+        if error is None and self.ok:
+            return  # every healthy call: nothing changes
         ok = error is None
         if ok != self.ok:
             self.since = time.time()
