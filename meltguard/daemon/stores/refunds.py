@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import random
 import time
 from collections import deque
@@ -258,7 +259,10 @@ class RefundingStore:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return  # no loop (a store used synchronously): the next call starts it
-            self._worker = loop.create_task(self._work(), name="meltguard-refunds")
+            # A context of its own: its log lines must not carry the request id of whichever
+            # request happened to start it.
+            self._worker = loop.create_task(self._work(), name="meltguard-refunds",
+                                            context=contextvars.Context())
 
     async def _work(self) -> None:
         delay = self._backoff_min
