@@ -213,6 +213,13 @@ class _FailsTimes(MemoryQuotaStore):
     def __init__(self, times: int) -> None:
         super().__init__()
         self.left = times
+        self.consume_fails = False
+
+    async def consume(self, windows: Any, cost: float, now: float, *,
+                      charge_id: str | None = None) -> Any:
+        if self.consume_fails:
+            raise QuotaStoreError("memory", "no answer in time")  # outcome unknown
+        return await super().consume(windows, cost, now, charge_id=charge_id)
 
     async def refund(self, windows: Any, cost: float, charged_at: float, *,
                      charge_id: str | None = None) -> None:
@@ -239,3 +246,30 @@ async def test_retries_back_off_exponentially_with_jitter_up_to_the_cap() -> Non
     assert store.refunds_total["retry"] == 8 and store.refunds_total["success"] == 1
     assert (await inner.peek(windows, 1_767_225_601.0)).windows[0].used == 0
     await store.close()
+
+
+async def test_a_consume_that_surely_never_ran_is_not_voided(
+    store: RefundingStore, redis_server: RedisServer, tenant: str
+) -> None:
+    redis_server.stop()  # connection refused: nothing can have been charged
+    with pytest.raises(QuotaStoreError) as caught:
+        await store.consume(day(tenant), 1, time.time(), charge_id="never")
+    assert caught.value.maybe_applied is False
+    assert store.pending == 0
+
+
+async def test_a_full_queue_drops_a_void_before_a_refund() -> None:
+    inner = _FailsTimes(1_000)
+    store = RefundingStore(inner, max_pending=2, backoff_min=10.0, drain_timeout=0.05)
+    windows = day("{mg:full}")
+    try:
+        inner.consume_fails = True
+        for name in ("v1", "v2"):
+            with pytest.raises(QuotaStoreError):
+                await store.consume(windows, 1, 1_767_225_600.0, charge_id=name)
+        assert store.pending == 2
+        await store.refund(windows, 1, 1_767_225_600.0, charge_id="real")
+        assert store.pending == 2 and store.refunds_total["dropped"] == 1
+        assert [e.charge_id for e in store._queue] == ["v2", "real"]
+    finally:
+        await store.close()

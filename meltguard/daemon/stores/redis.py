@@ -39,7 +39,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meltguard.admission.quota_memory import EPSILON
 from meltguard.daemon.stores.errors import QuotaStoreError
@@ -404,7 +411,8 @@ class RedisQuotaStore:
                 # After a failover the pooled sockets still reach the old primary, now a
                 # replica, and would get READONLY forever: dial again (and re-resolve DNS).
                 await self._drop_connections()
-            raise QuotaStoreError(self.name, f"{self._url}: {exc}") from exc
+            raise QuotaStoreError(self.name, f"{self._url}: {exc}",
+                                  maybe_applied=not _never_ran(exc)) from exc
         except OSError as exc:
             self._scripts_loaded = False
             raise QuotaStoreError(self.name, f"{self._url}: {exc}") from exc
@@ -415,6 +423,15 @@ class RedisQuotaStore:
                 await self._client.connection_pool.disconnect()
         except (TimeoutError, RedisError, OSError):
             pass  # the next call dials anyway; this only hurries it
+
+
+def _never_ran(exc: RedisError) -> bool:
+    """Errors after which the command certainly did not run: the server could not be reached
+    (redis-py says "... connecting to ..."), or it refused the command (a replica, an error
+    reply such as NOSCRIPT)."""
+    if isinstance(exc, (ReadOnlyError, ResponseError)):
+        return True
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) and "connecting" in str(exc)
 
 
 def _named(keys: list[str], windows: Sequence[QuotaWindow], charge_id: str | None) -> str:

@@ -10,12 +10,15 @@
 - A consume whose answer never came (a timeout, a lost connection, the caller cancelled while
   it was on the wire) may or may not have been charged. With a charge id it is voided: a
   refund with the same id is queued, which gives the charge back if it landed, or leaves a
-  tombstone so that a consume still in flight charges nothing when it lands.
+  tombstone so that a consume still in flight charges nothing when it lands. (Not when the
+  store's error says `maybe_applied=False`: a rolled-back SQLite transaction, a refused
+  connection.)
 - Refunds carry the charge id, so a retry whose first try landed after all gives back once.
   A refund without an id (dev harnesses) is retried too; a retry after a timeout may then
   give back twice (never below zero).
-- Bounded: at most `max_pending` refunds wait; past that a new one is dropped, counted and
-  logged. The queue lives in the process: it outlives a store restart, not a daemon restart.
+- Bounded: at most `max_pending` refunds wait; past that the oldest waiting void makes room
+  for a refund, and otherwise the new one is dropped, counted and logged. The queue lives in
+  the process: it outlives a store restart, not a daemon restart.
 - `close()` drains the queue for up to `drain_timeout` seconds before closing the store; what
   is left is counted as abandoned and logged with its total cost.
 
@@ -159,7 +162,7 @@ class RefundingStore:
             raise
         except Exception as exc:
             self.health.record(exc)
-            if charge_id is not None:
+            if charge_id is not None and getattr(exc, "maybe_applied", True):
                 self._enqueue(PendingRefund(tuple(windows), cost, now, charge_id, void=True))
             raise
         self.health.record(None)
@@ -244,14 +247,24 @@ class RefundingStore:
     # -- the queue ----------------------------------------------------------------------------
 
     def _enqueue(self, entry: PendingRefund) -> None:
+        if self.pending >= self._max_pending and not entry.void:
+            # A refund of a charge that surely landed is worth more than a void of one that
+            # may never have: make room by dropping the oldest void, if any waits.
+            oldest_void = next((e for e in self._queue if e.void), None)
+            if oldest_void is not None:
+                self._queue.remove(oldest_void)
+                self._drop(oldest_void)
         if self.pending >= self._max_pending:
-            self.refunds_total["dropped"] += 1
-            log.error("quota.refund_dropped", store=self.name, cost=round(entry.cost, 4),
-                      charge_id=entry.charge_id, pending=self.pending,
-                      max_pending=self._max_pending)
+            self._drop(entry)
             return
         self._queue.append(entry)
         self._wake()
+
+    def _drop(self, entry: PendingRefund) -> None:
+        self.refunds_total["dropped"] += 1
+        log.error("quota.refund_dropped", store=self.name, cost=round(entry.cost, 4),
+                  charge_id=entry.charge_id, void=entry.void, pending=self.pending,
+                  max_pending=self._max_pending)
 
     def _wake(self) -> None:
         if self._worker is None or self._worker.done():

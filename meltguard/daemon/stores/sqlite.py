@@ -217,7 +217,7 @@ class SqliteQuotaStore:
         charge_id: str | None = None,
     ) -> asyncio.Future[_Result]:
         if self._closed:
-            raise QuotaStoreError(self.name, "store is closed")
+            raise QuotaStoreError(self.name, "store is closed", maybe_applied=False)
         return self._enqueue(kind, windows, cost, at, charge_id)
 
     def _enqueue(
@@ -328,7 +328,8 @@ class SqliteQuotaStore:
 
     def _error(self, exc: BaseException) -> QuotaStoreError:
         # One exception per call: several tasks raising one instance would share a traceback.
-        error = QuotaStoreError(self.name, f"{self._path}: {exc}")
+        # The batch's transaction was rolled back (or never began): nothing of it was applied.
+        error = QuotaStoreError(self.name, f"{self._path}: {exc}", maybe_applied=False)
         error.__cause__ = exc
         return error
 
