@@ -379,8 +379,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     health = runtime.engine.health()
-    store = await store_readiness(request.app.get(QUOTA_STORE))
-    ready = health.ready and runtime.accepting and store["ok"]
+    store_ready, store = await store_readiness(
+        request.app.get(QUOTA_STORE),
+        fails_closed=runtime.loaded.policy.on_store_error == "closed")
+    ready = health.ready and runtime.accepting and store_ready
     body = {
         "ready": ready,
         "engine": {"name": runtime.engine.name, "ready": health.ready, "detail": health.detail,

@@ -268,3 +268,24 @@ def test_a_flushed_redis_admits_again_within_a_second_or_so(
     assert time.monotonic() - flushed < 3.0, waited
     status, _, body = daemon.request("GET", "/v1/quota", headers=auth("team"), timeout=10)
     assert status == 200 and body["windows"][0]["used"] == 1, body
+
+
+def test_readyz_with_redis_down_follows_on_store_error(
+    replicas: list[Replica], redis_server: RedisServer
+) -> None:
+    # Redis is shared: with `open` every replica still serves, so none leaves the load
+    # balancer (that would turn a Redis outage into a full one); with `closed` its requests
+    # are refused anyway. Either way /readyz and quota_store_up say the store fails.
+    redis_server.stop()
+    try:
+        for replica in replicas:
+            replica.image()  # a failed store call
+            status, _, body = replica.daemon.request("GET", "/readyz", timeout=10)
+            assert body["store"]["ok"] is False and body["store"]["name"] == "redis", body
+            assert status == (200 if replica.mode == "open" else 503), (replica.mode, body)
+            assert metric(replica.daemon, "meltguard_quota_store_up", {"store": "redis"}) == 0
+    finally:
+        redis_server.start()
+    for replica in replicas:
+        status, _, body = replica.daemon.request("GET", "/readyz", timeout=10)
+        assert status == 200 and body["store"]["ok"] is True, body

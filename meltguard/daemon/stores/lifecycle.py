@@ -51,11 +51,19 @@ async def check_at_start(store: QuotaStore) -> None:
         log.error("quota_store.unreachable_at_start", store=store.name, error=_one_line(exc))
 
 
-async def readiness(store: QuotaStore | None) -> dict[str, Any]:
-    """The store's part of /readyz: `ok` false while its calls fail (asked again here)."""
+async def readiness(store: QuotaStore | None, *, fails_closed: bool) -> tuple[bool, dict[str, Any]]:
+    """The store's part of /readyz: whether it keeps the daemon from being ready, and what to
+    say. A failing store is asked again here, so readiness comes back without traffic.
+
+    A failing local store (SQLite) makes the daemon unready: another replica, with its own
+    file, serves better. A failing shared store (Redis) fails every replica at once; taking
+    them all out of the load balancer would turn `on_store_error: open` into an outage, so it
+    makes the daemon unready only when the policy fails closed (its requests are refused
+    anyway). Either way the body and `quota_store_up` say that the store fails.
+    """
     chain = refunding(store) if store is not None else None
     if store is None or chain is None:
-        return {"name": store.name if store is not None else None, "ok": True}
+        return True, {"name": store.name if store is not None else None, "ok": True}
     health = chain.health
     if not health.ok:
         try:
@@ -63,8 +71,10 @@ async def readiness(store: QuotaStore | None) -> dict[str, Any]:
                 await chain.ping()
         except Exception:  # recorded in health by ping()
             pass
-    return {"name": store.name, "ok": health.ok, "error": health.error,
-            "refunds_pending": chain.pending}
+    shared = innermost(store).name == "redis"
+    ready = health.ok or (shared and not fails_closed)
+    return ready, {"name": store.name, "ok": health.ok, "error": health.error,
+                   "refunds_pending": chain.pending}
 
 
 def register_store_metrics(registry: CollectorRegistry, store: QuotaStore) -> None:
