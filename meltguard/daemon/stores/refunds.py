@@ -129,6 +129,10 @@ class RefundingStore:
         return len(self._queue) + len(self._in_flight)
 
     def __getattr__(self, attr: str) -> Any:
+        # ping(), url, path ...: whatever the store offers beyond the Protocol. (`inner`
+        # itself is looked up here only on an object built without __init__: copy, pickle.)
+        if attr == "inner":
+            raise AttributeError(attr)
         return getattr(self.inner, attr)
 
     async def ping(self) -> None:
