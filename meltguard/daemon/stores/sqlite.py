@@ -374,11 +374,8 @@ class SqliteQuotaStore:
     def _limit_wait(self, conn: sqlite3.Connection, oldest: float) -> None:
         # Batches run one after another, so a call queued behind a batch that waited for the
         # lock would wait again in its own: the documented busy_timeout is the whole wait.
-        left_ms = self._busy_timeout_ms - int((time.monotonic() - oldest) * 1000)
-        if left_ms <= 0:
-            raise sqlite3.OperationalError(
-                f"database is locked (waited {self._busy_timeout_ms} ms for another process)"
-            )
+        # Past it, one try without waiting: the lock may be free by now.
+        left_ms = max(self._busy_timeout_ms - int((time.monotonic() - oldest) * 1000), 0)
         if left_ms != self._current_wait_ms:
             conn.execute(f"PRAGMA busy_timeout = {left_ms}")
             self._current_wait_ms = left_ms
