@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError
@@ -28,14 +28,17 @@ def _too_large(max_bytes: int, length: int) -> web.HTTPRequestEntityTooLarge:
     return web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=length)
 
 
-def body_guard(max_bytes: int) -> Middleware:
+def body_guard(max_bytes: int, bounded: Iterable[str]) -> Middleware:
     """Middleware, inside the edge middleware (which turns what it raises into OpenAI's shape
-    and closes the connection after a 413)."""
+    and closes the connection after a 413). `bounded`: the paths whose whole body is read at
+    once under `max_bytes` (the JSON routes); uploads (multipart, /v1/images/edits) are
+    bounded part by part by their own route."""
+    paths = frozenset(bounded)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         length = request.content_length
-        if length is not None and length > max_bytes:
+        if length is not None and length > max_bytes and request.path in paths:
             raise _too_large(max_bytes, length)
         try:
             return await handler(request)

@@ -106,3 +106,18 @@ def test_expect_100_continue_within_the_limit_continues(daemon: Daemon) -> None:
         sock.sendall(payload)
         status, _, body = _read_response(sock)
     assert status == 200, body
+
+
+def test_an_upload_route_keeps_its_own_limits(daemon: Daemon) -> None:
+    # /v1/images/edits takes multipart uploads bounded part by part (max_upload_bytes), so a
+    # body over the JSON limit is not refused up front there.
+    head = (
+        "POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {KEYS['free']}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {2 * 1024 * 1024}\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+        sock.sendall(head)
+        status, _, _ = _read_response(sock)
+    assert status == 100
