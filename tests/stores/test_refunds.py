@@ -273,3 +273,13 @@ async def test_a_full_queue_drops_a_void_before_a_refund() -> None:
         assert [e.charge_id for e in store._queue] == ["v2", "real"]
     finally:
         await store.close()
+
+
+async def test_a_refund_after_close_is_counted_abandoned_not_retried_forever() -> None:
+    store = RefundingStore(MemoryQuotaStore())
+    windows = day("{mg:late}")
+    await store.close()
+    with capture_logs() as logs:
+        await store.refund(windows, 1, 1_767_225_600.0, charge_id="late")
+    assert store.pending == 0 and store.refunds_total["abandoned"] == 1
+    assert [line["event"] for line in logs] == ["quota.refunds_abandoned"]

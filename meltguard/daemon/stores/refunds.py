@@ -118,6 +118,7 @@ class RefundingStore:
         self._no_direct = asyncio.Event()
         self._no_direct.set()
         self._closed = False
+        self._finished = False  # closed and drained: the store is gone
 
     @property
     def name(self) -> str:
@@ -246,11 +247,19 @@ class RefundingStore:
                       error=self.health.error, drain_timeout_s=self._drain_timeout)
             self._queue.clear()
             self._in_flight.clear()
+        self._finished = True
         await self.inner.close()
 
     # -- the queue ----------------------------------------------------------------------------
 
     def _enqueue(self, entry: PendingRefund) -> None:
+        if self._finished:
+            # The store is closed: nothing will take this one any more.
+            self.refunds_total["abandoned"] += 1
+            log.error("quota.refunds_abandoned", store=self.name, count=1,
+                      cost=round(entry.cost, 4), error="the store is closed",
+                      drain_timeout_s=self._drain_timeout)
+            return
         if self.pending >= self._max_pending and not entry.void:
             # A refund of a charge that surely landed is worth more than a void of one that
             # may never have: make room by dropping the oldest void, if any waits.
