@@ -27,12 +27,15 @@ from meltguard.daemon.admission_events import RequestLine, open_request_line
 from meltguard.daemon.app_keys import CALLER, INFLIGHT, METRICS, RUNTIME, InflightRequests
 from meltguard.daemon.edit_route import create_edit
 from meltguard.daemon.errors import error_response, from_http_exception
+from meltguard.daemon.http_guard import body_guard, expect_handler
 from meltguard.daemon.images import create_image, get_image_file, refusal_response
 from meltguard.daemon.logs import start_request_context
 from meltguard.daemon.metrics import Metrics
 from meltguard.daemon.openapi import openapi_document
 from meltguard.daemon.ratelimit_headers import ratelimit_headers
 from meltguard.daemon.runtime import Runtime
+from meltguard.daemon.stores.lifecycle import QUOTA_STORE
+from meltguard.daemon.stores.lifecycle import readiness as store_readiness
 from meltguard.errors import ErrorCode, ServiceError, invalid
 
 log = structlog.get_logger("meltguard")
@@ -44,8 +47,10 @@ def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application
     """The daemon's aiohttp application: the OpenAI Images routes, quota, health, metrics and
     admin routes behind the edge middleware, on `runtime`'s gate and engine. It owns the
     engine's warm-up and close and, at shutdown, waits for the gate's refunds."""
+    max_body = runtime.settings.max_body_bytes
     app = web.Application(
-        client_max_size=runtime.settings.max_body_bytes, middlewares=[edge_middleware]
+        client_max_size=max_body,
+        middlewares=[edge_middleware, body_guard(max_body, ("/v1/images/generations",))],
     )
     app[RUNTIME] = runtime
     app[INFLIGHT] = InflightRequests()
@@ -57,7 +62,8 @@ def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application
     server_log = logging.getLogger("aiohttp.server")
     if _quiet_protocol_errors not in server_log.filters:
         server_log.addFilter(_quiet_protocol_errors)
-    app.router.add_post("/v1/images/generations", create_image)
+    app.router.add_post("/v1/images/generations", create_image,
+                        expect_handler=expect_handler(max_body))
     app.router.add_post("/v1/images/edits", create_edit)
     app.router.add_get("/v1/images/files/{name}", get_image_file)
     app.router.add_get("/v1/models", list_models)
@@ -236,7 +242,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     health = runtime.engine.health()
-    ready = health.ready and runtime.accepting
+    store_ready, store = await store_readiness(
+        request.app.get(QUOTA_STORE),
+        fails_closed=runtime.loaded.policy.on_store_error == "closed")
+    ready = health.ready and runtime.accepting and store_ready
     body = {
         "ready": ready,
         "engine": {"name": runtime.engine.name, "ready": health.ready, "detail": health.detail,
@@ -245,6 +254,7 @@ async def readyz(request: web.Request) -> web.Response:
         "pressure": runtime.level.label,
         "policy": {"mode": runtime.loaded.policy.mode, "sha256": runtime.loaded.sha256},
         "accepting": runtime.accepting,
+        "store": store,
     }
     return web.json_response(body, status=200 if ready else 503)
 

@@ -39,7 +39,8 @@ LABEL_DOCS: dict[str, str] = {
     "source": "Telemetry source in use: `nvml`, `simulated`, `replay`.",
     "requested": "Telemetry source asked for on the command line: `auto`, `nvml`, `sim`, "
     "`replay`.",
-    "result": "`success` or `failure`.",
+    "result": "`success` or `failure`; for `quota_refunds_total` also `retry`, `dropped` and "
+    "`abandoned`.",
     "mode": "Policy mode: `enforce` or `shadow`.",
     "sha256": "SHA-256 of the policy file in force.",
     "store": "Quota store backend: `memory`, `sqlite`, `redis`.",
