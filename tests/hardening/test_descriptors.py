@@ -45,12 +45,13 @@ def test_one_line_per_interval_with_the_count() -> None:
 
 
 @pytest.mark.slow
-def test_exhausted_descriptors_log_once_and_keep_serving(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_exhausted_descriptors_log_once_and_keep_serving(tmp_path: Path, loop: str) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(hardening_policy())
     log_path = tmp_path / "d.log"
     daemon = Daemon(["--model", "sim", "--telemetry", "sim", "--store", "memory", "--policy",
-                     str(policy), "--log-format", "json"], log_path=log_path)
+                     str(policy), "--log-format", "json", "--loop", loop], log_path=log_path)
     daemon.start(60)
     kept = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=5)
     flood: list[socket.socket] = []
@@ -82,5 +83,10 @@ def test_exhausted_descriptors_log_once_and_keep_serving(tmp_path: Path) -> None
     assert "Traceback" not in text
     lines = [json.loads(line) for line in text.splitlines()
              if "server.out_of_descriptors" in line]
+    if loop == "uvloop":
+        # libuv sheds the connections it cannot accept itself and reports nothing to the
+        # loop's exception handler: no flood to count, and serving goes on.
+        assert lines == []
+        return
     assert len(lines) == 1 and lines[0]["failures"] >= 1, lines
     assert lines[0]["open_files_limit"] == 128
