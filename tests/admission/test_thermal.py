@@ -3,6 +3,7 @@ the shipped incident policy. Time is an argument: every curve is computed, nothi
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from pathlib import Path
@@ -155,7 +156,7 @@ def test_a_card_wandering_around_an_enter_threshold_changes_level_rarely() -> No
         temp = 78 + 2 * math.sin(2 * math.pi * t / 97) + rng.uniform(-0.5, 0.5)
         samples.append(sample(t, float(round(temp)), util=0.9))
     states = run(samples)
-    changes = sum(1 for a, b in zip(states, states[1:], strict=False) if a.level != b.level)
+    changes = sum(1 for a, b in itertools.pairwise(states) if a.level != b.level)
     assert changes <= 3
 
 
