@@ -9,8 +9,21 @@ halving reacts to it at once while the slow climb probes back without oscillatin
 Caps. A tier may hold max(1, floor(limit x concurrency_factor)) slots at the current pressure
 level; a tenant may hold its tier's `max_concurrent`.
 
-Order. Among waiters that could start now (within the global, tier and tenant caps), the
-highest-priority tier goes first; within a tier, tenants take turns (round robin), and each
+Pace. With a duty budget (`set_duty_budget`, from the pressure assessment's thermal model:
+the busy share at which the card's predicted settling temperature sits on the policy's hold
+line), grants are also paced like a token bucket of GPU-seconds: each grant spends its cost x
+the measured seconds per cost, the bucket refills at the budget, and at most about one
+reference image is banked. This is what holds a card at its edge rather than under it: the
+level thresholds react after the fact, pacing keeps the heat put in equal to what the card
+sheds at the line.
+
+Reservations. A tier with `min_share` is owed that share of every grant made while it has
+waiters (Kubernetes APF's assured shares, LiteLLM's priority_reservation); a tier that is owed
+at least nothing goes before priority order. Its debt is forgiven when its queue empties, so
+what it does not ask for is borrowed by the others and never paid back in a burst.
+
+Order. Among waiters that could start now (within the global, tier and tenant caps), a tier
+owed its reservation goes first, then the highest-priority tier; within a tier, tenants take turns (round robin), and each
 tenant's own requests run in arrival order. A waiter blocked only by its own tier or tenant
 cap does not hold back lower tiers: the slot would sit idle otherwise (work conserving).
 
@@ -40,6 +53,9 @@ from meltguard.protocols import Clock
 
 # Weight of the newest sample in the service-time average: about the last five jobs count.
 EWMA_ALPHA = 0.2
+# Most GPU time the pacing bucket banks, in reference images: enough that a job never waits
+# for the bucket after an idle spell, too little to let a burst overshoot the hold line.
+PACE_BURST_COST = 1.0
 
 
 class Cancellable(Protocol):
@@ -71,6 +87,7 @@ class TierRule:
     priority: int
     concurrency_factor: float
     tenant_cap: int
+    min_share: float = 0.0
 
 
 _QUEUED, _GRANTED, _EXPIRED, _GONE = range(4)
@@ -153,6 +170,13 @@ class Scheduler:
         # every admission reads them.
         self._slots = 1
         self._tier_caps: dict[str, int] = {}
+        # Pacing (see the module docstring): busy-seconds per second, None when unpaced.
+        self._duty: float | None = None
+        self._tokens = 0.0
+        self._tokens_at = clock.monotonic()
+        self._pace_timer: Cancellable | None = None
+        # Reservations: cost each min_share tier is owed (positive) while it has waiters.
+        self._owed: dict[str, float] = {}
         self._recompute_rules()
 
     # -- configuration ---------------------------------------------------------------------
@@ -176,11 +200,69 @@ class Scheduler:
         self._recompute_rules()
         self._dispatch()
 
+    def set_duty_budget(self, duty: float | None) -> None:
+        """The share of time the GPU may be busy (None: no pacing); see "Pace" above."""
+        now = self._clock.monotonic()
+        self._refill(now)
+        if duty is not None and not math.isfinite(duty):
+            duty = None
+        if duty is None and self._duty is not None:
+            self._tokens = 0.0
+        self._duty = None if duty is None else max(duty, 1e-6)
+        self._dispatch()
+
+    @property
+    def duty_budget(self) -> float | None:
+        return self._duty
+
+    def _refill(self, now: float) -> None:
+        if self._duty is not None and self._ewma is not None:
+            cap = PACE_BURST_COST * self._ewma
+            self._tokens = min(cap, self._tokens + self._duty * max(now - self._tokens_at, 0.0))
+        self._tokens_at = now
+
+    def _paced_out(self) -> bool:
+        """Whether pacing holds the next grant back now."""
+        if self._duty is None or self._ewma is None:
+            return False
+        self._refill(self._clock.monotonic())
+        return self._tokens < 0.0
+
+    def _arm_pace_timer(self) -> None:
+        if self._pace_timer is not None or self._duty is None:
+            return
+        delay = -self._tokens / self._duty
+        try:
+            call_later = self._call_later or asyncio.get_running_loop().call_later
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the next call into the scheduler retries
+        self._pace_timer = call_later(max(delay, 0.0), self._on_pace_timer)
+
+    def _on_pace_timer(self) -> None:
+        self._pace_timer = None
+        self.expire_due()
+        self._dispatch()
+
+    def _spend(self, tier: str, cost: float) -> None:
+        """Book a grant: the pacing bucket and every reservation."""
+        if self._duty is not None and self._ewma is not None:
+            self._tokens -= cost * self._ewma
+        for name, rule in self._rules.items():
+            if rule.min_share > 0.0 and self._depth.get(name):
+                self._owed[name] = self._owed.get(name, 0.0) + rule.min_share * cost
+        if tier in self._owed:
+            self._owed[tier] -= cost
+
+    def owed(self, tier: str) -> float:
+        """Cost the tier's reservation is owed now (<= 0: it has had its share)."""
+        return self._owed.get(tier, 0.0)
+
     def _recompute_rules(self) -> None:
         rules: dict[str, TierRule] = {}
         for name in self._policy.tiers:
             eff = self._policy.effective(name, self._level)
-            rules[name] = TierRule(eff.priority, eff.concurrency_factor, eff.max_concurrent)
+            rules[name] = TierRule(eff.priority, eff.concurrency_factor, eff.max_concurrent,
+                                   self._policy.tiers[name].min_share)
         # A tier dropped by a reload keeps its last rule while it still has work here.
         for name, rule in self._rules.items():
             if name not in rules and (self._depth.get(name) or self._tier_inflight.get(name)):
@@ -275,13 +357,28 @@ class Scheduler:
             )
         limit = self._slots
         overflow = max(0, self._inflight - limit + 1)
-        return (ahead + overflow) * self._ewma * cost / limit
+        wait = (ahead + overflow) * self._ewma * cost / limit
+        if self._duty is not None:
+            # Paced: the work ahead drains at the budget, less what the bucket has banked.
+            self._refill(self._clock.monotonic())
+            wait = max(wait, (ahead * self._ewma * cost - self._tokens) / self._duty)
+        rule = self._rules.get(tier)
+        if rule is not None and rule.min_share > 0.0:
+            # A reserved tier waits only for its own queue, drained at its share.
+            rate = (self._duty if self._duty is not None else float(limit)) * rule.min_share
+            own = self._depth.get(tier, 0) * self._ewma * cost / rate
+            if self.owed(tier) > -cost or self._depth.get(tier, 0):
+                wait = min(wait, own + max(overflow, 0) * self._ewma * cost / limit)
+        return wait
 
     def drain_estimate(self) -> float:
         """Seconds until everything queued now has started (0 before any measurement)."""
         if self._ewma is None:
             return 0.0
-        return max(self._queued_cost, 0.0) * self._ewma / self.limit
+        work = max(self._queued_cost, 0.0) * self._ewma
+        if self._duty is not None:
+            return max(work / self.limit, work / self._duty)
+        return work / self.limit
 
     # -- feedback ----------------------------------------------------------------------------
 
@@ -310,7 +407,7 @@ class Scheduler:
         if self._queued:
             return None
         rule = self._rules.get(tier)
-        if rule is None or self._inflight >= self._slots:
+        if rule is None or self._inflight >= self._slots or self._paced_out():
             return None
         in_tier = self._tier_inflight.get(tier, 0)
         in_tenant = self._tenant_inflight.get(tenant, 0)
@@ -319,6 +416,7 @@ class Scheduler:
         self._inflight += 1
         self._tier_inflight[tier] = in_tier + 1
         self._tenant_inflight[tenant] = in_tenant + 1
+        self._spend(tier, cost)
         return Slot(self, tier, tenant, cost, 0.0)
 
     async def acquire(
@@ -425,6 +523,8 @@ class Scheduler:
                 self._depth[waiter.tier] -= 1
                 self._queued -= 1
                 self._queued_cost -= waiter.cost
+                if not self._depth[waiter.tier]:
+                    self._owed.pop(waiter.tier, None)
             if not waiters:
                 del tenants[waiter.tenant]
         if waiter.timer is not None:
@@ -435,13 +535,19 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         while self._queued and self._inflight < self._slots:
+            if self._paced_out():
+                self._arm_pace_timer()
+                return
             waiter = self._next_eligible()
             if waiter is None:
                 return
             self._grant(waiter)
 
     def _next_eligible(self) -> _Waiter | None:
-        for tier in self._order:
+        owed = sorted((name for name, debt in self._owed.items()
+                       if debt > 0.0 and self._depth.get(name)),
+                      key=lambda name: -self._owed[name])
+        for tier in (*owed, *self._order):
             tenants = self._queues.get(tier)
             if not tenants or self._tier_inflight.get(tier, 0) >= self._tier_caps[tier]:
                 continue
@@ -463,6 +569,7 @@ class Scheduler:
 
     def _grant(self, waiter: _Waiter) -> None:
         self._unqueue(waiter)
+        self._spend(waiter.tier, waiter.cost)
         waiter.state = _GRANTED
         self._inflight += 1
         self._tier_inflight[waiter.tier] = self._tier_inflight.get(waiter.tier, 0) + 1
