@@ -25,10 +25,18 @@ from meltguard.admission.policy import (
 from meltguard.admission.thermal import ThermalState
 from meltguard.values import GpuSample
 
-# Where the bench governor sets the card's load: the settling temperature it aims at moves
-# this many °C per °C that the card reads away from the hold line, so a cool card is let
-# heat quickly and a card past the line is brought back along the same curve.
-HOLD_GAIN = 2.0
+# Where pressure.hold sets the card's load: the settling temperature it aims at moves this
+# many °C per °C that the card is predicted to be away from the hold line HOLD_AHEAD_SAMPLES
+# from now (work already admitted keeps heating it that long), so a cool card is let heat
+# quickly and one heading past the line is turned before it gets there.
+HOLD_GAIN = 1.0
+HOLD_AHEAD_SAMPLES = 0.0
+# Integral action: a fit that is biased (early on, it has seen little but full load) would
+# hold the card off the line by bias/(1+HOLD_GAIN); each sample within HOLD_NEAR_C of the line
+# moves the aim by HOLD_INTEGRAL x the error, up to HOLD_BIAS_MAX_C either way.
+HOLD_INTEGRAL = 0.05
+HOLD_NEAR_C = 2.0
+HOLD_BIAS_MAX_C = 8.0
 # The smallest busy fraction the governor asks for: a card is never paced to a standstill
 # (the levels and their actions take over when even this is too much).
 MIN_DUTY = 0.05
@@ -69,6 +77,7 @@ class GpuPressure:
     slowdown_c: float | None = None
     thermal: ThermalState | None = None  # the card's fitted model (admission/thermal.py)
     dwell_until: tuple[float, ...] = _NO_DWELL
+    hold_bias_c: float = 0.0  # the hold governor's integral term (see _duty_budget)
 
     @property
     def settle_c(self) -> float | None:
@@ -178,8 +187,9 @@ def hold_line(pressure: Pressure, slowdown_c: float | None) -> float | None:
 
 def _duty_budget(gpu: GpuPressure, pressure: Pressure) -> float | None:
     """The busy fraction whose predicted settling temperature is the hold line, bent toward
-    the line by how far the card reads from it (HOLD_GAIN): feed-forward from the model,
-    feedback from the sensor, so a fit that is a degree off still converges on the line."""
+    the line by how far the card is heading from it (HOLD_GAIN): feed-forward from the model,
+    feedback from the sensor, so a fit that is a few degrees off still converges on the
+    line."""
     line = hold_line(pressure, gpu.slowdown_c)
     model = gpu.thermal
     if line is None or model is None or gpu.stale or gpu.temperature_c is None:
@@ -188,7 +198,9 @@ def _duty_budget(gpu: GpuPressure, pressure: Pressure) -> float | None:
     mapping = model.utilization_to_load()
     if fit is None or mapping is None:
         return None
-    goal = line + HOLD_GAIN * (line - gpu.temperature_c)
+    ahead = model.predict_c(HOLD_AHEAD_SAMPLES * pressure.sample_interval)
+    heading = ahead if ahead is not None else gpu.temperature_c
+    goal = line + HOLD_GAIN * (line - heading) + gpu.hold_bias_c
     load = fit.load_for_settle(goal)
     if load is None:
         return None
@@ -285,7 +297,22 @@ def _step(
         slowdown_c=reading.slowdown_c if reading.slowdown_c is not None else prior.slowdown_c,
         thermal=thermal,
         dwell_until=tuple(until),
+        hold_bias_c=_hold_bias(prior, reading, pressure, sample is not None),
     )
+
+
+def _hold_bias(prior: GpuPressure, reading: _Reading, pressure: Pressure, fresh: bool) -> float:
+    """The hold governor's integral term after this sample (see HOLD_INTEGRAL)."""
+    slowdown = reading.slowdown_c if reading.slowdown_c is not None else prior.slowdown_c
+    line = hold_line(pressure, slowdown)
+    temperature = reading.temperature_c
+    if line is None or temperature is None or not fresh or reading.stale is not None:
+        return prior.hold_bias_c
+    error = line - temperature
+    if error > HOLD_NEAR_C:
+        return prior.hold_bias_c  # heating up from cold: nothing to correct yet
+    bias = prior.hold_bias_c + HOLD_INTEGRAL * error
+    return min(max(bias, -HOLD_BIAS_MAX_C), HOLD_BIAS_MAX_C)
 
 
 def _read(

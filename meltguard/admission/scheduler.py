@@ -18,9 +18,12 @@ level thresholds react after the fact, pacing keeps the heat put in equal to wha
 sheds at the line.
 
 Reservations. A tier with `min_share` is owed that share of every grant made while it has
-waiters (Kubernetes APF's assured shares, LiteLLM's priority_reservation); a tier that is owed
-at least nothing goes before priority order. Its debt is forgiven when its queue empties, so
-what it does not ask for is borrowed by the others and never paid back in a burst.
+(Kubernetes APF's assured shares, LiteLLM's priority_reservation): every grant adds the tier's
+share of its cost to what the tier is owed, every grant to the tier takes its cost off, and a
+tier that is owed more than nothing goes before priority order. So it is never behind by more
+than a request while it asks, and at most one request ahead. What it is owed stops growing at
+RESERVE_CAP_COST: what it did not ask for is borrowed by the others, never paid back in a
+burst.
 
 Order. Among waiters that could start now (within the global, tier and tenant caps), a tier
 owed its reservation goes first, then the highest-priority tier; within a tier, tenants take turns (round robin), and each
@@ -53,9 +56,13 @@ from meltguard.protocols import Clock
 
 # Weight of the newest sample in the service-time average: about the last five jobs count.
 EWMA_ALPHA = 0.2
-# Most GPU time the pacing bucket banks, in reference images: enough that a job never waits
-# for the bucket after an idle spell, too little to let a burst overshoot the hold line.
-PACE_BURST_COST = 1.0
+# Most GPU time the pacing bucket banks, in reference images: half a job, so that a card
+# coming up to its hold line is not handed a whole job's heat beyond its budget.
+PACE_BURST_COST = 0.5
+_PACE_SLACK = 1e-6
+# Most a reserved tier is owed while it asks for nothing, and most it owes back for being served
+# ahead, in reference images: one request.
+RESERVE_CAP_COST = 1.0
 
 
 class Cancellable(Protocol):
@@ -172,6 +179,11 @@ class Scheduler:
         self._tier_caps: dict[str, int] = {}
         # Pacing (see the module docstring): busy-seconds per second, None when unpaced.
         self._duty: float | None = None
+        # Engine time per cost, measured between completions (see record_success): what a
+        # grant spends of the pacing bucket. A job's latency is no measure of it, since with
+        # two slots it includes waiting behind the other job.
+        self._busy_ewma: float | None = None
+        self._last_done: float | None = None
         self._tokens = 0.0
         self._tokens_at = clock.monotonic()
         self._pace_timer: Cancellable | None = None
@@ -216,22 +228,24 @@ class Scheduler:
         return self._duty
 
     def _refill(self, now: float) -> None:
-        if self._duty is not None and self._ewma is not None:
-            cap = PACE_BURST_COST * self._ewma
+        if self._duty is not None and self._busy_ewma is not None:
+            cap = PACE_BURST_COST * self._busy_ewma
             self._tokens = min(cap, self._tokens + self._duty * max(now - self._tokens_at, 0.0))
         self._tokens_at = now
 
     def _paced_out(self) -> bool:
         """Whether pacing holds the next grant back now."""
-        if self._duty is None or self._ewma is None:
+        if self._duty is None or self._busy_ewma is None:
             return False
         self._refill(self._clock.monotonic())
-        return self._tokens < 0.0
+        # A hair of tolerance: a timer armed for exactly the refill time must find it done,
+        # whatever float rounding made of the sum.
+        return self._tokens < -_PACE_SLACK
 
     def _arm_pace_timer(self) -> None:
         if self._pace_timer is not None or self._duty is None:
             return
-        delay = -self._tokens / self._duty
+        delay = max(-self._tokens / self._duty, _PACE_SLACK)
         try:
             call_later = self._call_later or asyncio.get_running_loop().call_later
         except RuntimeError:
@@ -245,13 +259,15 @@ class Scheduler:
 
     def _spend(self, tier: str, cost: float) -> None:
         """Book a grant: the pacing bucket and every reservation."""
-        if self._duty is not None and self._ewma is not None:
-            self._tokens -= cost * self._ewma
+        if self._duty is not None and self._busy_ewma is not None:
+            self._tokens -= cost * self._busy_ewma
         for name, rule in self._rules.items():
-            if rule.min_share > 0.0 and self._depth.get(name):
-                self._owed[name] = self._owed.get(name, 0.0) + rule.min_share * cost
+            if rule.min_share > 0.0:
+                self._owed[name] = min(self._owed.get(name, 0.0) + rule.min_share * cost,
+                                       RESERVE_CAP_COST)
         if tier in self._owed:
-            self._owed[tier] -= cost
+            # Served beyond its share while nobody else asked is borrowing, not an advance.
+            self._owed[tier] = max(self._owed[tier] - cost, -RESERVE_CAP_COST)
 
     def owed(self, tier: str) -> float:
         """Cost the tier's reservation is owed now (<= 0: it has had its share)."""
@@ -358,17 +374,21 @@ class Scheduler:
         limit = self._slots
         overflow = max(0, self._inflight - limit + 1)
         wait = (ahead + overflow) * self._ewma * cost / limit
-        if self._duty is not None:
+        busy = self._busy_ewma
+        if self._duty is not None and busy is not None:
             # Paced: the work ahead drains at the budget, less what the bucket has banked.
             self._refill(self._clock.monotonic())
-            wait = max(wait, (ahead * self._ewma * cost - self._tokens) / self._duty)
+            wait = max(wait, (ahead * busy * cost - self._tokens) / self._duty)
         rule = self._rules.get(tier)
         if rule is not None and rule.min_share > 0.0:
-            # A reserved tier waits only for its own queue, drained at its share.
-            rate = (self._duty if self._duty is not None else float(limit)) * rule.min_share
-            own = self._depth.get(tier, 0) * self._ewma * cost / rate
-            if self.owed(tier) > -cost or self._depth.get(tier, 0):
-                wait = min(wait, own + max(overflow, 0) * self._ewma * cost / limit)
+            # A reserved tier waits for its own queue and for what it got ahead to be earned
+            # back, both at its share of the rate; then for a slot.
+            paced = self._duty is not None and busy is not None
+            rate = (self._duty if paced and self._duty else float(limit)) * rule.min_share
+            per_cost = busy if paced and busy is not None else self._ewma
+            behind = self._depth.get(tier, 0) * cost + max(-self.owed(tier), 0.0)
+            reserved = behind * per_cost / rate + overflow * self._ewma * cost / limit
+            wait = min(wait, reserved)
         return wait
 
     def drain_estimate(self) -> float:
@@ -376,8 +396,8 @@ class Scheduler:
         if self._ewma is None:
             return 0.0
         work = max(self._queued_cost, 0.0) * self._ewma
-        if self._duty is not None:
-            return max(work / self.limit, work / self._duty)
+        if self._duty is not None and self._busy_ewma is not None:
+            return max(work / self.limit, self._queued_cost * self._busy_ewma / self._duty)
         return work / self.limit
 
     # -- feedback ----------------------------------------------------------------------------
@@ -387,6 +407,19 @@ class Scheduler:
             sample = seconds / cost
             self._ewma = sample if self._ewma is None else (
                 self._ewma + EWMA_ALPHA * (sample - self._ewma)
+            )
+            # The engine's own time for this job: from when it could start (its grant, or the
+            # previous completion if that came later) to now. Exact for a serial engine; for a
+            # batching one it is the time per job of its throughput, which is what pacing
+            # spends.
+            now = self._clock.monotonic()
+            began = now - seconds
+            if self._last_done is not None:
+                began = max(began, self._last_done)
+            self._last_done = now
+            busy = max(now - began, 0.0) / cost
+            self._busy_ewma = busy if self._busy_ewma is None else (
+                self._busy_ewma + EWMA_ALPHA * (busy - self._busy_ewma)
             )
         ceiling = float(self._policy.concurrency.limit)
         if self._limit < ceiling:
@@ -523,8 +556,6 @@ class Scheduler:
                 self._depth[waiter.tier] -= 1
                 self._queued -= 1
                 self._queued_cost -= waiter.cost
-                if not self._depth[waiter.tier]:
-                    self._owed.pop(waiter.tier, None)
             if not waiters:
                 del tenants[waiter.tenant]
         if waiter.timer is not None:
