@@ -459,14 +459,14 @@ async def test_a_paced_waiter_is_woken_when_the_budget_allows() -> None:
     assert waiter.done() and waiter.result().waited == pytest.approx(2.5)
 
 
-async def test_the_bucket_banks_at_most_one_reference_image() -> None:
+async def test_the_bucket_banks_at_most_half_a_reference_image() -> None:
     h = Harness(make_policy(limit=4))
     h.sched.record_success(1.0, 1.0)
     h.sched.set_duty_budget(0.5)
-    h.clock.advance(100.0)  # idle for long: still only one image's worth banked
-    assert h.sched.try_acquire("pro", "a", 1.0) is not None
-    assert h.sched.try_acquire("pro", "b", 1.0) is not None  # 1 banked -> 0, then -1
-    assert h.sched.try_acquire("pro", "c", 1.0) is None
+    h.clock.advance(100.0)  # idle for long: still only half an image's worth banked
+    assert h.sched.try_acquire("pro", "a", 1.0) is not None  # 0.5 banked -> -0.5
+    assert h.sched.try_acquire("pro", "b", 1.0) is None
+    assert h.sched.estimate_wait("pro", 1.0) == pytest.approx(1.0)
 
 
 # --- min_share ------------------------------------------------------------------------------
@@ -484,17 +484,17 @@ async def test_a_reserved_tier_goes_first_when_it_is_owed() -> None:
         running = [t for t in (*pros, *free) if t.done() and not t.result().released]
         assert len(running) == 1
         running[0].result().release()
-    # free is owed a quarter of pro0's grant, so it goes next (a reservation is paid up front,
-    # never late by more than one request); then it has had a quarter of four grants once
-    # pro3 is granted, and goes again.
-    assert h.order == ["pro0", "free0", "pro1", "pro2", "pro3", "free1", "pro4", "pro5"]
+    # free is owed a quarter of the holder's grant, so it goes first (a reservation is paid
+    # up front, never late by more than one request); then it has had a quarter of four
+    # grants once pro2 is granted, and goes again.
+    assert h.order == ["free0", "pro0", "pro1", "pro2", "free1", "pro3", "pro4", "pro5"]
 
 
 async def test_an_idle_reserved_tier_is_not_paid_back_later() -> None:
     h = Harness(make_policy(limit=1, free={"min_share": 0.5}))
     for i in range(6):
         (await h.sched.acquire("pro", f"p{i}", 1.0, None)).release()
-    assert h.sched.owed("free") == 0.0  # asked for nothing, owed nothing
+    assert h.sched.owed("free") == 1.0  # asked for nothing: owed one request, no more
 
 
 def test_min_share_must_leave_room_for_priority() -> None:
