@@ -33,7 +33,8 @@ HOLD_GAIN = 1.0
 HOLD_AHEAD_SAMPLES = 0.0
 # Integral action: a fit that is biased (early on, it has seen little but full load) would
 # hold the card off the line by bias/(1+HOLD_GAIN); each sample within HOLD_NEAR_C of the line
-# moves the aim by HOLD_INTEGRAL x the error, up to HOLD_BIAS_MAX_C either way.
+# moves the aim by HOLD_INTEGRAL x the error, up to HOLD_BIAS_MAX_C either way (further below
+# the line it only unwinds).
 HOLD_INTEGRAL = 0.05
 HOLD_NEAR_C = 2.0
 HOLD_BIAS_MAX_C = 8.0
@@ -309,9 +310,12 @@ def _hold_bias(prior: GpuPressure, reading: _Reading, pressure: Pressure, fresh:
     if line is None or temperature is None or not fresh or reading.stale is not None:
         return prior.hold_bias_c
     error = line - temperature
-    if error > HOLD_NEAR_C:
-        return prior.hold_bias_c  # heating up from cold: nothing to correct yet
     bias = prior.hold_bias_c + HOLD_INTEGRAL * error
+    if error > HOLD_NEAR_C:
+        # Far below the line (heating up, or held back by a bias an overshoot left): a
+        # negative bias may wind back to zero, nothing more, since there is no fit error to
+        # learn from a card that is not at the line.
+        bias = min(bias, max(prior.hold_bias_c, 0.0))
     return min(max(bias, -HOLD_BIAS_MAX_C), HOLD_BIAS_MAX_C)
 
 
