@@ -26,17 +26,16 @@ from meltguard.admission.thermal import ThermalState
 from meltguard.values import GpuSample
 
 # Where pressure.hold sets the card's load: the settling temperature it aims at moves this
-# many °C per °C that the card is predicted to be away from the hold line HOLD_AHEAD_SAMPLES
-# from now (work already admitted keeps heating it that long), so a cool card is let heat
-# quickly and one heading past the line is turned before it gets there.
+# many °C per °C that the card reads away from the hold line, so a cool card is let heat
+# quickly and one past the line is turned back.
 HOLD_GAIN = 1.0
-HOLD_AHEAD_SAMPLES = 0.0
-# Integral action: a fit that is biased (early on, it has seen little but full load) would
-# hold the card off the line by bias/(1+HOLD_GAIN); each sample within HOLD_NEAR_C of the line
-# moves the aim by HOLD_INTEGRAL x the error, up to HOLD_BIAS_MAX_C either way (further below
-# the line it only unwinds).
+# Integral action: a fit that is biased (early on it has seen little but full load) would
+# hold the card off the line by bias/(1+HOLD_GAIN). While the governor is pacing (or the card
+# is past the line) each sample moves the aim by HOLD_INTEGRAL x the error, up to
+# HOLD_BIAS_MAX_C either way; while it is not (a card heating up from cold, which no aim
+# would slow down) a negative aim only unwinds, so it cannot wind up.
 HOLD_INTEGRAL = 0.05
-HOLD_NEAR_C = 2.0
+HOLD_RAISE_C = 0.5
 HOLD_BIAS_MAX_C = 8.0
 # The smallest busy fraction the governor asks for: a card is never paced to a standstill
 # (the levels and their actions take over when even this is too much).
@@ -79,6 +78,7 @@ class GpuPressure:
     thermal: ThermalState | None = None  # the card's fitted model (admission/thermal.py)
     dwell_until: tuple[float, ...] = _NO_DWELL
     hold_bias_c: float = 0.0  # the hold governor's integral term (see _duty_budget)
+    duty_budget: float | None = None  # this card's share of PressureState.duty_budget
 
     @property
     def settle_c(self) -> float | None:
@@ -165,7 +165,7 @@ def assess(
     entered_at = (
         previous.entered_at if previous is not None and previous.level == level else now
     )
-    budgets = [b for b in (_duty_budget(g, pressure) for g in gpus) if b is not None]
+    budgets = [g.duty_budget for g in gpus if g.duty_budget is not None]
     return PressureState(
         gpus=tuple(gpus), level=level, entered_at=entered_at, stale=stale, reasons=reasons,
         duty_budget=min(budgets) if budgets and not stale else None,
@@ -186,22 +186,22 @@ def hold_line(pressure: Pressure, slowdown_c: float | None) -> float | None:
     return min(lines) if lines else None
 
 
-def _duty_budget(gpu: GpuPressure, pressure: Pressure) -> float | None:
+def _duty_budget(
+    thermal: ThermalState | None, temperature_c: float | None, slowdown_c: float | None,
+    bias_c: float, pressure: Pressure,
+) -> float | None:
     """The busy fraction whose predicted settling temperature is the hold line, bent toward
-    the line by how far the card is heading from it (HOLD_GAIN): feed-forward from the model,
-    feedback from the sensor, so a fit that is a few degrees off still converges on the
-    line."""
-    line = hold_line(pressure, gpu.slowdown_c)
-    model = gpu.thermal
-    if line is None or model is None or gpu.stale or gpu.temperature_c is None:
+    the line by how far the card reads from it (HOLD_GAIN) and by the integral term:
+    feed-forward from the model, feedback from the sensor, so a fit that is a few degrees
+    off still converges on the line."""
+    line = hold_line(pressure, slowdown_c)
+    if line is None or thermal is None or temperature_c is None:
         return None
-    fit = model.trusted
-    mapping = model.utilization_to_load()
+    fit = thermal.trusted
+    mapping = thermal.utilization_to_load()
     if fit is None or mapping is None:
         return None
-    ahead = model.predict_c(HOLD_AHEAD_SAMPLES * pressure.sample_interval)
-    heading = ahead if ahead is not None else gpu.temperature_c
-    goal = line + HOLD_GAIN * (line - heading) + gpu.hold_bias_c
+    goal = line + HOLD_GAIN * (line - temperature_c) + bias_c
     load = fit.load_for_settle(goal)
     if load is None:
         return None
@@ -288,6 +288,10 @@ def _step(
             until[landing] = now + _dwell(policy, landing)
         level, entered_at = landing, now
 
+    bias = _hold_bias(prior, reading, pressure, sample is not None)
+    slowdown = reading.slowdown_c if reading.slowdown_c is not None else prior.slowdown_c
+    duty = None if reading.stale is not None else _duty_budget(
+        thermal, reading.temperature_c, slowdown, bias, pressure)
     return GpuPressure(
         index=prior.index,
         level=level,
@@ -295,10 +299,11 @@ def _step(
         signals=_holding(level, entering, policy, reading, on_stale),
         stale=reading.stale is not None,
         temperature_c=reading.temperature_c,
-        slowdown_c=reading.slowdown_c if reading.slowdown_c is not None else prior.slowdown_c,
+        slowdown_c=slowdown,
         thermal=thermal,
         dwell_until=tuple(until),
-        hold_bias_c=_hold_bias(prior, reading, pressure, sample is not None),
+        hold_bias_c=bias,
+        duty_budget=duty,
     )
 
 
@@ -310,11 +315,10 @@ def _hold_bias(prior: GpuPressure, reading: _Reading, pressure: Pressure, fresh:
     if line is None or temperature is None or not fresh or reading.stale is not None:
         return prior.hold_bias_c
     error = line - temperature
-    bias = prior.hold_bias_c + HOLD_INTEGRAL * error
-    if error > HOLD_NEAR_C:
-        # Far below the line (heating up, or held back by a bias an overshoot left): a
-        # negative bias may wind back to zero, nothing more, since there is no fit error to
-        # learn from a card that is not at the line.
+    # Raising the aim is slow (a card still coming up to the line would wind it up and then
+    # overshoot); lowering it is not (a card past the line is the emergency).
+    bias = prior.hold_bias_c + HOLD_INTEGRAL * min(error, HOLD_RAISE_C)
+    if prior.duty_budget is None and error > 0.0:
         bias = min(bias, max(prior.hold_bias_c, 0.0))
     return min(max(bias, -HOLD_BIAS_MAX_C), HOLD_BIAS_MAX_C)
 

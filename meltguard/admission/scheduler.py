@@ -12,23 +12,25 @@ level; a tenant may hold its tier's `max_concurrent`.
 Pace. With a duty budget (`set_duty_budget`, from the pressure assessment's thermal model:
 the busy share at which the card's predicted settling temperature sits on the policy's hold
 line), grants are also paced like a token bucket of GPU-seconds: each grant spends its cost x
-the measured seconds per cost, the bucket refills at the budget, and at most about one
-reference image is banked. This is what holds a card at its edge rather than under it: the
-level thresholds react after the fact, pacing keeps the heat put in equal to what the card
-sheds at the line.
+the engine's measured seconds per cost (timed between completions, not per request, whose
+latency includes waiting behind the other slot), the bucket refills at the budget, and at
+most half a reference image is banked. This is what holds a card at its edge rather than
+under it: the level thresholds react after the fact, pacing keeps the heat put in equal to
+what the card sheds at the line.
 
-Reservations. A tier with `min_share` is owed that share of every grant made while it has
-(Kubernetes APF's assured shares, LiteLLM's priority_reservation): every grant adds the tier's
-share of its cost to what the tier is owed, every grant to the tier takes its cost off, and a
-tier that is owed more than nothing goes before priority order. So it is never behind by more
-than a request while it asks, and at most one request ahead. What it is owed stops growing at
-RESERVE_CAP_COST: what it did not ask for is borrowed by the others, never paid back in a
-burst.
+Reservations. A tier with `min_share` reserves that share of the admitted GPU work (Kubernetes
+APF's assured shares, LiteLLM's priority_reservation): every grant adds the tier's share of
+its cost to what the tier is owed, every grant to the tier takes its cost off, and a tier
+that is owed more than nothing goes before priority order. So while it asks it is never
+behind by more than a request, and at most one request ahead. What it is owed (or owes)
+stops at RESERVE_CAP_COST either way: what it did not ask for is borrowed by the others and
+never paid back in a burst, and what it took while nobody else asked is not held against it.
 
 Order. Among waiters that could start now (within the global, tier and tenant caps), a tier
-owed its reservation goes first, then the highest-priority tier; within a tier, tenants take turns (round robin), and each
-tenant's own requests run in arrival order. A waiter blocked only by its own tier or tenant
-cap does not hold back lower tiers: the slot would sit idle otherwise (work conserving).
+owed its reservation goes first, then the highest-priority tier; within a tier, tenants take
+turns (round robin), and each tenant's own requests run in arrival order. A waiter blocked
+only by its own tier or tenant cap does not hold back lower tiers: the slot would sit idle
+otherwise (work conserving).
 
 Time. Deadlines come from the injected Clock, which is authoritative: a loop timer
 (`call_later`, real time) only wakes the scheduler up, and a waiter times out only once

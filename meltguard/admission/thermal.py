@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from meltguard.values import GpuSample
 
 # Heatsink time constants tried, in sample intervals: 1 s to 10 min at 500 ms.
-TAU_GRID_SAMPLES: tuple[float, ...] = tuple(2.0 * 1.5**i for i in range(15))
+TAU_GRID_SAMPLES: tuple[float, ...] = tuple(2.0 * 1.15**i for i in range(41))
 # Memory of the fit: about this many samples (2.5 min at 500 ms).
 HORIZON_SAMPLES = 300.0
 # No prediction before this many sample steps have been fitted.
@@ -152,6 +152,7 @@ class ThermalState:
     # admitted GPU time moves the load. Σ with forgetting of 1, u, u², x, u·x.
     util_sums: tuple[float, float, float, float, float] = (0.0,) * 5
     min_load: float | None = None
+    last_util: float | None = None
 
     @classmethod
     def start(cls, sample_interval: float, sample: GpuSample) -> ThermalState:
@@ -184,8 +185,13 @@ class ThermalState:
         if self.load_kind != LOAD_POWER or n < MIN_FIT_SAMPLES:
             return None
         var = suu * n - su * su
-        if var <= 1e-3 * n * n:  # utilization barely moved: the slope is not known
-            return None
+        if var <= 1e-3 * n * n:
+            # Utilization has barely moved (a card busy all along): take the load as
+            # proportional to it, which overstates what a lower duty saves by the idle power;
+            # the hold governor's integral term makes up for that until the load varies.
+            if self.last_util is None or self.last_util < 0.1:
+                return None
+            return (0.0, self.last_load / self.last_util)
         slope = (sux * n - su * sx) / var
         if slope <= 0.0:
             return None
@@ -221,6 +227,7 @@ class ThermalState:
             sample_interval=self.sample_interval, load_kind=self.load_kind, last_t=t,
             last_c=temperature, last_load=load, steps=steps, sums=sums, fit=fit,
             plausible=plausible, util_sums=util_sums, min_load=min_load,
+            last_util=sample.utilization,
         )
 
     @property

@@ -14,7 +14,9 @@ from meltguard.bench.outcome import PointResult, TelemetryPoint
 from meltguard.bench.scenario import Capacity
 
 TARGET_LOADS = (5.0, 10.0)
-GOODPUT_TARGET = 0.9
+# The headline (issue 15): full-quality work, each image weighted by the steps x pixels it
+# got, at least this share of the sustainable capacity.
+WORK_TARGET = 0.95
 PRO_SUCCESS_TARGET = 0.99
 STRATEGY_COLORS = {
     "meltguard": "#1b7837",
@@ -55,10 +57,9 @@ def evaluate(results: Sequence[PointResult], policy: Policy, cap: Capacity) -> l
         if point.strategy != "meltguard" or point.load not in TARGET_LOADS:
             continue
         subject = f"meltguard @ {point.load:g}x"
-        verdicts.append(Verdict(subject, f"goodput >= {GOODPUT_TARGET} x capacity",
-                                point.goodput_ratio >= GOODPUT_TARGET,
-                                f"{point.goodput_ratio:.3f}; full-quality work "
-                                f"{point.work_ratio:.3f}"))
+        verdicts.append(Verdict(subject, f"full-quality work >= {WORK_TARGET} x capacity",
+                                point.work_ratio >= WORK_TARGET,
+                                f"{point.work_ratio:.3f}; images {point.goodput_ratio:.3f}"))
         slowdown = point.slowdown_c if point.slowdown_c is not None else cap.slowdown_c
         cool = (point.peak_c is not None and point.peak_c < slowdown
                 and point.throttled_s == 0)
@@ -243,7 +244,8 @@ def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
         left.plot(loads, [p.work_ratio for p in points], ":", color=color, alpha=0.7)
         right.plot(loads, [p.peak_c or 0.0 for p in points], "o-", color=color, label=strategy)
     left.axhline(1.0, color="grey", lw=0.8, label="sustainable capacity")
-    left.axhline(GOODPUT_TARGET, color="grey", lw=0.8, ls="--", label="target at 5x, 10x")
+    left.axhline(WORK_TARGET, color="grey", lw=0.8, ls="--",
+                 label="full-quality target at 5x, 10x")
     left.set(xscale="log", xlabel="offered load (x sustainable capacity)",
              ylabel="goodput / sustainable capacity",
              title="Goodput (solid: images, dotted: full-quality work)")

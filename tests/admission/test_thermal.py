@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from meltguard.admission.policy import Level, Policy
+from meltguard.admission.policy import Hold, Level, Policy
 from meltguard.admission.pressure import PressureState, assess, cooling_eta
 from meltguard.admission.thermal import MIN_FIT_SAMPLES, ThermalFit, ThermalState
 from meltguard.daemon.policy_file import load_policy_file
@@ -187,3 +187,36 @@ def test_retry_after_cooling_comes_from_the_fitted_curve() -> None:
     eta = cooling_eta(states[at], INCIDENT, now)
     actual = next(s.taken_at for s in samples[at:] if (s.temperature_c or 0) <= 74) - now
     assert eta == pytest.approx(actual, abs=1.5)
+
+
+# --- holding a card at its edge (pressure.hold) -------------------------------------------
+
+
+def test_the_hold_governor_settles_a_card_on_its_line() -> None:
+    """A first-order card (the benchmark's: 37 °C idle, 100 °C at full duty, τ 40 s, slowdown
+    87 °C) run at whatever duty the governor allows settles at the hold line from below,
+    without ever reaching slowdown: the model's feed-forward plus the sensor's correction."""
+    pressure = INCIDENT.pressure.model_copy(update={
+        "hold": Hold(below_slowdown_c=1.5), "sample_interval": 1.0, "lookahead": None})
+    policy = INCIDENT.model_copy(update={"pressure": pressure})
+    temperature, state = 37.0, None
+    path = []
+    for t in range(900):
+        duty = 1.0 if state is None or state.duty_budget is None else state.duty_budget
+        target = 37.0 + 63.0 * duty
+        temperature = target + (temperature - target) * math.exp(-1.0 / 40.0)
+        power = 70.0 + 630.0 * duty
+        reading = GpuSample(index=0, uuid="GPU-0", name="Held", taken_at=float(t),
+                            temperature_c=temperature, slowdown_c=87.0, utilization=duty,
+                            power_w=power, power_limit_w=700.0)
+        state = assess([reading], state, policy, float(t))
+        path.append(temperature)
+    assert max(path) < 87.0
+    assert sum(path[-300:]) / 300 == pytest.approx(85.5, abs=0.3)
+    assert state is not None and state.duty_budget == pytest.approx((85.5 - 37) / 63, abs=0.02)
+
+
+def test_no_hold_no_pacing() -> None:
+    card = TwoStageCard()
+    states = run(replay(card, [(60, 0.1), (240, 0.9)]))
+    assert all(s.duty_budget is None for s in states)
