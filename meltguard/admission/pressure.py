@@ -34,7 +34,7 @@ HOLD_GAIN = 1.0
 # is past the line) each sample moves the aim by HOLD_INTEGRAL x the error, up to
 # HOLD_BIAS_MAX_C either way; while it is not (a card heating up from cold, which no aim
 # would slow down) a negative aim only unwinds, so it cannot wind up.
-HOLD_INTEGRAL = 0.05
+HOLD_INTEGRAL = 0.1
 HOLD_RAISE_C = 0.5
 HOLD_BIAS_MAX_C = 8.0
 # The smallest busy fraction the governor asks for: a card is never paced to a standstill
