@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -24,18 +25,22 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from meltguard.admission.auth import Caller
+from meltguard.admission.cost import ImageAsk
 from meltguard.admission.gate import Permit
 from meltguard.daemon.admission_events import RequestLine, open_request_line
 from meltguard.daemon.errors import error_response, from_http_exception
+from meltguard.daemon.http_guard import body_guard, expect_handler
 from meltguard.daemon.image_request import parse_image_request
 from meltguard.daemon.logs import bind_caller, start_request_context
 from meltguard.daemon.metrics import Metrics
 from meltguard.daemon.openapi import openapi_document
 from meltguard.daemon.ratelimit_headers import ratelimit_headers
 from meltguard.daemon.runtime import Runtime
+from meltguard.daemon.stores.lifecycle import QUOTA_STORE
+from meltguard.daemon.stores.lifecycle import readiness as store_readiness
 from meltguard.errors import ErrorCode, ServiceError, invalid
 from meltguard.inference.errors import EngineOutOfMemory
-from meltguard.values import QuotaOutcome
+from meltguard.values import EditInput, GenerationJob, QuotaOutcome
 
 
 class InflightRequests:
@@ -58,8 +63,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application:
+    max_body = runtime.settings.max_body_bytes
     app = web.Application(
-        client_max_size=runtime.settings.max_body_bytes, middlewares=[edge_middleware]
+        client_max_size=max_body,
+        middlewares=[edge_middleware, body_guard(max_body, ("/v1/images/generations",))],
     )
     app[RUNTIME] = runtime
     app[INFLIGHT] = InflightRequests()
@@ -71,7 +78,12 @@ def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application
     server_log = logging.getLogger("aiohttp.server")
     if _quiet_protocol_errors not in server_log.filters:
         server_log.addFilter(_quiet_protocol_errors)
-    app.router.add_post("/v1/images/generations", create_image)
+    app.router.add_post("/v1/images/generations", create_image,
+                        expect_handler=expect_handler(max_body))
+    # Imported here: the edits route builds on this module's request path.
+    from meltguard.daemon.edit_route import create_edit
+
+    app.router.add_post("/v1/images/edits", create_edit)
     app.router.add_get("/v1/images/files/{name}", get_image_file)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/quota", get_quota)
@@ -235,39 +247,62 @@ async def _read_body(request: web.Request, seconds: float) -> bytes:
 
 
 async def create_image(request: web.Request) -> web.Response:
+    runtime, caller = image_caller(request)
+    body = await _read_body(request, runtime.settings.body_timeout)
+    parsed = parse_image_request(body, request.content_type)
+    return await serve_images(request, runtime, caller, parsed.ask, model=parsed.model,
+                              response_format=parsed.response_format)
+
+
+def image_caller(request: web.Request) -> tuple[Runtime, Caller]:
+    """The first steps of both images routes: refuse while draining, authenticate."""
     runtime = request.app[RUNTIME]
     if not runtime.accepting:
         raise ServiceError(ErrorCode.SHUTTING_DOWN, "The server is shutting down; retry shortly.",
                            retry_after=2.0)
-    gate = runtime.gate
-    caller = gate.authenticate(request.headers.get("Authorization"), request.remote or "unknown")
+    caller = runtime.gate.authenticate(request.headers.get("Authorization"),
+                                       request.remote or "unknown")
     request[CALLER] = caller  # the request's line names the tenant and tier from here on
-    body = await _read_body(request, runtime.settings.body_timeout)
-    parsed = parse_image_request(body, request.content_type)
-    if parsed.model is not None and parsed.model != runtime.engine.name:
-        raise invalid("model", f"Unknown model {_clip(parsed.model)!r}; this server runs "
+    return runtime, caller
+
+
+async def serve_images(
+    request: web.Request, runtime: Runtime, caller: Caller, ask: ImageAsk, *,
+    model: str | None, response_format: str, edit: EditInput | None = None,
+) -> web.Response:
+    """Admit `ask`, run it (as an edit of `edit` when given) and answer with its images."""
+    if model is not None and model != runtime.engine.name:
+        raise invalid("model", f"Unknown model {_clip(model)!r}; this server runs "
                                f"{runtime.engine.name!r} (see /v1/models).")
     if runtime.settings.log_prompts:
-        structlog.contextvars.bind_contextvars(prompt=parsed.ask.prompt)
+        structlog.contextvars.bind_contextvars(prompt=ask.prompt)
     if not runtime.engine.health().ready:
         raise ServiceError(ErrorCode.SERVER_OVERLOADED, "The model is still loading.",
                            retry_after=5.0)
+    if edit is not None:
+        unsupported = runtime.engine.edit_support(edit.kind)
+        if unsupported is not None:
+            raise invalid("mask" if edit.mask is not None else "image",
+                          f"This server cannot run this edit: {unsupported}.")
 
+    gate = runtime.gate
     runtime.request_started()
     try:
-        permit = await gate.decide(caller, parsed.ask)
+        permit = await gate.decide(caller, ask)
         if isinstance(permit, ServiceError):
             # Answered here rather than raised to the edge: a flood of refusals is answered
             # as often as anything the daemon does.
             return await refusal_response(request, permit)
         # For the lines written while the image is made (the engine's, a refund's).
         bind_caller(caller.tenant, caller.tier)
-        pngs = await _generate(runtime, permit, caller)
+        # The admitted (maybe degraded) job; an edit's picture joins it after admission.
+        job = permit.job if edit is None else dataclasses.replace(permit.job, edit=edit)
+        pngs = await _generate(runtime, permit, caller, job)
     finally:
         runtime.request_finished()
 
     now = runtime.clock.wall()
-    if parsed.response_format == "url":
+    if response_format == "url":
         base = runtime.settings.base_url
         data = [{"url": f"{base}/v1/images/files/{runtime.images.put(png, now)}.png"}
                 for png in pngs]
@@ -287,11 +322,12 @@ async def create_image(request: web.Request) -> web.Response:
     return web.json_response(body_out, headers=headers)
 
 
-async def _generate(runtime: Runtime, permit: Permit, caller: Caller) -> list[bytes]:
+async def _generate(runtime: Runtime, permit: Permit, caller: Caller,
+                    job: GenerationJob) -> list[bytes]:
     clock = runtime.clock
     started = clock.monotonic()
     try:
-        pngs = await runtime.engine.generate(permit.job)
+        pngs = await runtime.engine.generate(job)
     except EngineOutOfMemory:
         permit.settle("dropped")
         raise ServiceError(ErrorCode.GPU_OUT_OF_MEMORY,
@@ -374,7 +410,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     health = runtime.engine.health()
-    ready = health.ready and runtime.accepting
+    store_ready, store = await store_readiness(
+        request.app.get(QUOTA_STORE),
+        fails_closed=runtime.loaded.policy.on_store_error == "closed")
+    ready = health.ready and runtime.accepting and store_ready
     body = {
         "ready": ready,
         "engine": {"name": runtime.engine.name, "ready": health.ready, "detail": health.detail,
@@ -383,6 +422,7 @@ async def readyz(request: web.Request) -> web.Response:
         "pressure": runtime.level.label,
         "policy": {"mode": runtime.loaded.policy.mode, "sha256": runtime.loaded.sha256},
         "accepting": runtime.accepting,
+        "store": store,
     }
     return web.json_response(body, status=200 if ready else 503)
 

@@ -40,8 +40,9 @@ class MetricSpec:
 
 
 CATALOG: tuple[MetricSpec, ...] = (
-    MetricSpec("admission_decisions", "counter", ("tier", "decision", "reason"), "decisions",
-               "Admission decisions: admit, degrade, queue, reject, would_reject, would_degrade."),
+    MetricSpec("admission_decisions", "counter", ("tier", "decision", "reason", "endpoint"),
+               "decisions", "Admission decisions: admit, degrade, queue, reject, would_reject, "
+               "would_degrade; endpoint is generations or edits."),
     MetricSpec("requests", "counter", ("tier", "code"), "requests",
                "Requests answered, by tier and HTTP status code."),
     MetricSpec("queue_depth", "gauge", ("tier",), "requests",
@@ -88,6 +89,13 @@ CATALOG: tuple[MetricSpec, ...] = (
                "1 for the policy in force: its mode and the SHA-256 of its file."),
     MetricSpec("quota_store_errors", "counter", ("store",), "errors",
                "Quota store calls that failed (the decision then follows on_store_error)."),
+    MetricSpec("quota_store_up", "gauge", ("store",), "boolean",
+               "1 while the quota store's last call worked, 0 while it fails (see /readyz)."),
+    MetricSpec("quota_refunds_pending", "gauge", (), "refunds",
+               "Refunds (and voids of unanswered charges) the quota store has not taken yet."),
+    MetricSpec("quota_refunds", "counter", ("result",), "refunds",
+               "Refund attempts by result: success (the store took it), retry (it failed and "
+               "stays queued), dropped (the queue was full), abandoned (left at shutdown)."),
 )
 
 BY_NAME: dict[str, MetricSpec] = {spec.full_name: spec for spec in CATALOG}

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from meltguard.admission.policy import Policy
 from meltguard.clock import SystemClock
+from meltguard.daemon import fd_guard
 from meltguard.daemon.admission_events import AdmissionEvents
 from meltguard.daemon.app import abandon_inflight, create_app
 from meltguard.daemon.logs import configure_logging
@@ -31,7 +32,14 @@ from meltguard.daemon.policy_file import (
 )
 from meltguard.daemon.runtime import Runtime
 from meltguard.daemon.settings import Settings
-from meltguard.daemon.stores.select import default_store_spec, open_store
+from meltguard.daemon.stores.lifecycle import (
+    QUOTA_STORE,
+    StoreUnusable,
+    check_at_start,
+    register_store_metrics,
+)
+from meltguard.daemon.stores.redis import redact_url
+from meltguard.daemon.stores.select import build_store, default_store_spec
 from meltguard.daemon.strategies import make_gate
 from meltguard.daemon.telemetry import (
     NvmlUnavailable,
@@ -73,7 +81,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 class StartupError(Exception):
-    """A reason not to start, printed as one line."""
+    """A reason not to start, printed as one line; `exit_code` 2 marks a usage error (a bad
+    --telemetry value or replay trace)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -110,7 +123,7 @@ def assemble(
     loaded = load_initial_policy(settings)
     if store is None:
         try:
-            store = open_store(settings.store)
+            store = build_store(settings.store)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
 
@@ -141,8 +154,11 @@ def assemble(
                 sim_speed=settings.sim_speed, replay_loop=settings.replay_loop,
                 gpu_indices=settings.gpus,
             )
-        except (NvmlUnavailable, TelemetrySpecError) as exc:
+        except NvmlUnavailable as exc:
             raise StartupError(f"--telemetry {settings.telemetry}: {exc}") from None
+        except TelemetrySpecError as exc:
+            # A replay refusal already names FILE:LINE; the spec would only repeat the file.
+            raise StartupError(str(exc), exit_code=2) from None
     holder["source"] = source
     if engine is None:
         try:
@@ -179,6 +195,8 @@ def assemble(
 
     runtime.on_policy_change = retune
     app = create_app(runtime, registry)
+    app[QUOTA_STORE] = store
+    register_store_metrics(registry, store)
     app.cleanup_ctx.append(_resources_ctx(sampler, source, store, runtime))
     return Assembly(runtime, app, source, sampler)
 
@@ -192,21 +210,19 @@ def _resources_ctx(
         sampler.start()
         yield
         await sampler.stop()  # closes the source, unless a read is hung inside the driver
+        await runtime.gate.drain()  # the gate's refunds reach the store before it closes
         await store.close()
 
     return ctx
 
 
 async def _warm_store(store: QuotaStore) -> None:
-    """Open the store's connections before the first request instead of during a burst; an
-    unreachable store is logged, not fatal (on_store_error decides what that means)."""
-    ping = getattr(store, "ping", None)
-    if ping is None:
-        return
+    """Open the store's connections before the first request instead of during a burst: an
+    unusable SQLite file stops startup; an unreachable Redis is logged (lifecycle.py)."""
     try:
-        await asyncio.gather(*(ping() for _ in range(4)))
-    except Exception as exc:
-        log.error("quota_store.unreachable_at_start", store=store.name, error=str(exc))
+        await check_at_start(store)
+    except StoreUnusable as exc:
+        raise StartupError(str(exc)) from None
 
 
 async def _watch_policy(runtime: Runtime, interval: float) -> None:
@@ -226,6 +242,7 @@ async def _watch_policy(runtime: Runtime, interval: float) -> None:
 async def serve(settings: Settings) -> int:
     clock = SystemClock()
     registry = CollectorRegistry()
+    fd_guard.install(asyncio.get_running_loop())
     assembly = assemble(settings, clock, registry)
     runtime = assembly.runtime
     if runtime.telemetry_note:
@@ -245,7 +262,7 @@ async def serve(settings: Settings) -> int:
     await site.start()
     log.info("meltguard.listening", url=settings.base_url, model=runtime.engine.name,
              telemetry=runtime.telemetry_kind, policy=settings.policy or "built-in",
-             store=settings.store)
+             store=redact_url(settings.store))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -292,4 +309,4 @@ def run_serve(settings: Settings) -> int:
         return asyncio.run(serve(settings))
     except StartupError as exc:
         print(f"meltguard: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
