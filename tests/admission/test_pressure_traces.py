@@ -2,8 +2,8 @@
 has a reason the recording justifies, and every early entry the model predicts comes true.
 
 The controller's reason to exist is to act on real cards and only when it must; the traces
-are what real cards did (see shared/traces/README.md). A file today's reader cannot open and
-no fallback in real_traces.py knows is reported as skipped, by name.
+are what real cards did (see shared/traces/README.md); every one is read with the daemon's own
+replay reader.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from meltguard.admission.pressure import PressureState, assess
 from meltguard.admission.thermal import ThermalState
 from meltguard.daemon.policy_file import load_policy_file
 from meltguard.values import GpuSample
-from tests.admission.real_traces import Frame, load_frames, trace_files, traces_dir
+from tests.real_traces import load_frames, trace_files, traces_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = sorted([*ROOT.glob("policies/*.yaml"), *ROOT.glob("policies/examples/*.yaml"),
@@ -31,16 +31,14 @@ REAL_RECORDINGS = ("a100_nvsmi_noindex.csv", "h100x8_nvml_collector.csv",
 pytestmark = pytest.mark.skipif(traces_dir() is None,
                                 reason="shared/traces/ not found (set MELTGUARD_TRACES)")
 
-_FRAMES: dict[Path, list[Frame] | None] = {}
+Frame = tuple[float, tuple[GpuSample, ...]]  # (seconds from the start, every GPU then)
+_FRAMES: dict[Path, list[Frame]] = {}
 
 
 def frames_of(path: Path) -> list[Frame]:
     if path not in _FRAMES:
-        _FRAMES[path] = load_frames(path)
-    frames = _FRAMES[path]
-    if frames is None:
-        pytest.skip(f"{path.name}: neither the replay reader nor a test fallback reads it yet")
-    return frames
+        _FRAMES[path] = [(f.offset, f.samples) for f in load_frames(path)]
+    return _FRAMES[path]
 
 
 def series(frames: list[Frame], index: int) -> list[tuple[float, GpuSample]]:
