@@ -173,6 +173,10 @@ class Gate:
         if changed:
             self._shed_queued()
 
+    def set_duty_budget(self, duty: float | None) -> None:
+        """Pacing toward the policy's hold line (see the scheduler's "Pace")."""
+        self._scheduler.set_duty_budget(duty)
+
     def _shed_queued(self) -> None:
         policy = self._policy
         if policy.mode == "shadow":

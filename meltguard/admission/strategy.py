@@ -51,6 +51,11 @@ class AdmissionStrategy(Protocol):
         """The current pressure level and the estimated seconds until it drops."""
         ...
 
+    def set_duty_budget(self, duty: float | None) -> None:
+        """The share of time the GPU may be busy, pacing toward `pressure.hold` (None: no
+        pacing)."""
+        ...
+
     def authenticate(self, authorization_header: str | None, client_id: str) -> Caller:
         """The caller a request's Authorization header names; raises ServiceError (401)."""
         ...

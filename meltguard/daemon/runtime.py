@@ -143,7 +143,7 @@ class Runtime:
         eta = cooling_eta(state, policy, now) + policy.pressure.sample_interval
         self.gate.set_pressure(state.level, eta)
         # Pacing toward the policy's hold line (pressure.hold); None when there is none.
-        self.gate.scheduler.set_duty_budget(state.duty_budget)
+        self.gate.set_duty_budget(state.duty_budget)
         if previous is None or previous.level != state.level:
             rising = previous is not None and state.level > previous.level
             # "level" is the log level's key; the pressure level goes under "pressure".

@@ -279,6 +279,9 @@ class BaselineGate:
     def set_pressure(self, level: Level, cooling_eta: float) -> None:
         self._level = level
 
+    def set_duty_budget(self, duty: float | None) -> None:
+        return None  # baselines do not pace
+
     def authenticate(self, authorization_header: str | None, client_id: str) -> Caller:
         return self._keyring.authenticate(authorization_header, client_id)
 
