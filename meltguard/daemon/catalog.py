@@ -88,6 +88,14 @@ CATALOG: tuple[MetricSpec, ...] = (
                "1 for the policy in force: its mode and the SHA-256 of its file."),
     MetricSpec("quota_store_errors", "counter", ("store",), "errors",
                "Quota store calls that failed (the decision then follows on_store_error)."),
+    MetricSpec("gpu_energy_joules", "counter", ("gpu",), "joules",
+               "Energy the card has used since its driver loaded, from its own counter."),
+    MetricSpec("power_limit_changes", "counter", ("gpu", "result"), "changes",
+               "Power-limit changes the policy's power section asked for, by result: success, "
+               "shadow (logged, not set) or the NVML refusal (nvml_no_permission, ...)."),
+    MetricSpec("energy_joules", "counter", ("tier",), "joules",
+               "GPU energy attributed to each tier: every batch's share of the card's energy "
+               "while it ran, split by images."),
 )
 
 BY_NAME: dict[str, MetricSpec] = {spec.full_name: spec for spec in CATALOG}

@@ -1,0 +1,105 @@
+"""The power lever and the energy counter through NvmlSource, the real pynvml bindings and the
+fake libnvidia-ml.so.1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from meltguard.clock import FakeClock
+from meltguard.daemon.telemetry.nvml import NvmlSource, open_nvml
+from tests.fakenvml import GPU_IS_LOST, NO_PERMISSION, NOT_SUPPORTED, FakeNvml
+
+NO_ENV: dict[str, str] = {}
+
+
+@pytest.fixture
+def source(fake_nvml: FakeNvml) -> Iterator[NvmlSource]:
+    src = open_nvml(clock=FakeClock(), environ=NO_ENV)
+    yield src
+    src.close()
+
+
+def test_energy_counter_is_read_in_joules(fake_nvml: FakeNvml, source: NvmlSource) -> None:
+    fake_nvml.update({"0.energy_mj": 123_456_789, "1.energy_mj": 5})
+    first, second = source.read()
+    assert first.energy_j == pytest.approx(123_456.789)
+    assert second.energy_j == pytest.approx(0.005)
+
+
+def test_energy_not_supported_is_absent_not_zero(fake_nvml: FakeNvml, source: NvmlSource) -> None:
+    fake_nvml.update({"0.energy.error": NOT_SUPPORTED, "0.energy_mj": 1000})
+    first, second = source.read()
+    assert first.energy_j is None
+    assert second.energy_j == 0.0
+    assert first.temperature_c is not None
+
+
+def test_default_limit_and_range(fake_nvml: FakeNvml, source: NvmlSource) -> None:
+    fake_nvml.update({"1.power_default_limit_mw": 350_000, "1.power_min_limit_mw": 150_000,
+                      "1.power_max_limit_mw": 400_000})
+    assert source.default_power_limit_w(0) == 700.0
+    assert source.power_limit_range_w(0) == (200.0, 700.0)
+    assert source.default_power_limit_w(1) == 350.0
+    assert source.power_limit_range_w(1) == (150.0, 400.0)
+
+
+def test_set_limit_is_in_force_and_read_back(fake_nvml: FakeNvml, source: NvmlSource) -> None:
+    assert source.set_power_limit_w(0, 560.0) == "success"
+    assert fake_nvml.limits_set(0) == [560_000]
+    assert fake_nvml.limits_set(1) == []
+    first, second = source.read()
+    assert first.power_limit_w == 560.0
+    assert second.power_limit_w == 700.0
+    assert source.set_power_limit_w(0, 700.0) == "success"
+    assert source.read()[0].power_limit_w == 700.0
+    assert fake_nvml.limits_set(0) == [560_000, 700_000]
+
+
+def test_unprivileged_set_is_named_and_changes_nothing(
+    fake_nvml: FakeNvml, source: NvmlSource
+) -> None:
+    fake_nvml.update({"unprivileged": 1})
+    assert source.set_power_limit_w(0, 560.0) == "nvml_no_permission"
+    assert fake_nvml.limits_set(0) == []
+    assert source.read()[0].power_limit_w == 700.0
+    # Reading the lever's bounds needs no privilege.
+    assert source.default_power_limit_w(0) == 700.0
+
+
+@pytest.mark.parametrize(
+    ("error", "result"),
+    [(NOT_SUPPORTED, "nvml_not_supported"), (NO_PERMISSION, "nvml_no_permission"),
+     (GPU_IS_LOST, "nvml_gpu_is_lost")],
+)
+def test_set_refusals_are_named(
+    fake_nvml: FakeNvml, source: NvmlSource, error: int, result: str
+) -> None:
+    fake_nvml.update({"0.set_power_limit.error": error})
+    assert source.set_power_limit_w(0, 560.0) == result
+    assert source.set_power_limit_w(1, 560.0) == "success"
+
+
+def test_limit_outside_the_range_is_refused_by_the_driver(
+    fake_nvml: FakeNvml, source: NvmlSource
+) -> None:
+    assert source.set_power_limit_w(0, 100.0) == "nvml_invalid_argument"
+    assert fake_nvml.limits_set(0) == []
+
+
+def test_unsupported_bounds_are_none(fake_nvml: FakeNvml, source: NvmlSource) -> None:
+    fake_nvml.update({"0.power_default_limit.error": NOT_SUPPORTED,
+                      "0.power_limit_constraints.error": NOT_SUPPORTED})
+    assert source.default_power_limit_w(0) is None
+    assert source.power_limit_range_w(0) is None
+
+
+def test_a_gpu_not_watched_or_a_closed_source_has_no_lever(
+    fake_nvml: FakeNvml, source: NvmlSource
+) -> None:
+    assert source.default_power_limit_w(7) is None
+    assert source.set_power_limit_w(7, 500.0) == "nvml_no_handle"
+    source.close()
+    assert source.set_power_limit_w(0, 500.0) == "nvml_no_handle"
+    assert fake_nvml.limits_set(0) == []
