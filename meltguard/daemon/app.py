@@ -262,7 +262,8 @@ async def create_image(request: web.Request) -> web.Response:
             return await refusal_response(request, permit)
         # For the lines written while the image is made (the engine's, a refund's).
         bind_caller(caller.tenant, caller.tier)
-        pngs = await _generate(runtime, permit, caller)
+        with runtime.energy.metering(permit.job, caller.tier) as metered:
+            pngs = await _generate(runtime, permit, caller)
     finally:
         runtime.request_finished()
 
@@ -274,12 +275,11 @@ async def create_image(request: web.Request) -> web.Response:
     else:
         data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
     job = permit.job
-    body_out = {
-        "created": int(now),
-        "data": data,
-        "usage": {"images": len(pngs), "size": str(job.size), "steps": job.steps,
-                  "cost": round(permit.cost, 6)},
-    }
+    usage: dict[str, object] = {"images": len(pngs), "size": str(job.size), "steps": job.steps,
+                                "cost": round(permit.cost, 6)}
+    if metered.joules is not None:
+        usage["energy_j"] = round(metered.joules, 3)
+    body_out = {"created": int(now), "data": data, "usage": usage}
     headers = dict(ratelimit_headers(permit.quota, now)) if permit.quota is not None else {}
     if permit.degraded:
         headers["x-meltguard-degraded"] = ", ".join(permit.degraded)

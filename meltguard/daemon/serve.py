@@ -29,6 +29,7 @@ from meltguard.daemon.policy_file import (
     builtin_policy,
     load_policy_file,
 )
+from meltguard.daemon.power_wiring import PowerAndEnergy
 from meltguard.daemon.runtime import Runtime
 from meltguard.daemon.settings import Settings
 from meltguard.daemon.stores.select import default_store_spec, open_store
@@ -165,10 +166,11 @@ def assemble(
     runtime.telemetry_note = note
 
     pressure = loaded.policy.pressure
+    power = PowerAndEnergy(runtime, source, registry)
     sampler = Sampler(
         source, clock=clock, interval=pressure.sample_interval, stale_after=pressure.stale_after,
-        on_snapshot=lambda snap: runtime.observe(snap.samples, clock.monotonic()),
-        on_tick=lambda now: runtime.observe(None, now),
+        on_snapshot=lambda snap: power.observe(snap.samples, clock.monotonic()),
+        on_tick=lambda now: power.observe(None, now),
     )
     register_telemetry_metrics(registry, sampler, clock=clock,
                                requested=requested_label(settings.telemetry))
@@ -180,6 +182,7 @@ def assemble(
     runtime.on_policy_change = retune
     app = create_app(runtime, registry)
     app.cleanup_ctx.append(_resources_ctx(sampler, source, store, runtime))
+    app.cleanup_ctx.append(power.ctx)
     return Assembly(runtime, app, source, sampler)
 
 

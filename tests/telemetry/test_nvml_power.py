@@ -7,11 +7,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from meltguard.admission.policy import Level, parse_policy
 from meltguard.clock import FakeClock
+from meltguard.daemon.power import PowerActuator
 from meltguard.daemon.telemetry.nvml import NvmlSource, open_nvml
 from tests.fakenvml import GPU_IS_LOST, NO_PERMISSION, NOT_SUPPORTED, FakeNvml
 
 NO_ENV: dict[str, str] = {}
+E, H, C, N = Level.ELEVATED, Level.HIGH, Level.CRITICAL, Level.NORMAL
+LADDER = parse_policy({"version": 1, "tiers": {"free": {"priority": 0}},
+                       "power": {"elevated": 0.8, "high": 0.7, "critical": 0.6}})
 
 
 @pytest.fixture
@@ -103,3 +108,33 @@ def test_a_gpu_not_watched_or_a_closed_source_has_no_lever(
     source.close()
     assert source.set_power_limit_w(0, 500.0) == "nvml_no_handle"
     assert fake_nvml.limits_set(0) == []
+
+
+def test_over_real_pynvml_the_card_gets_the_ratios_of_its_default(fake_nvml: FakeNvml) -> None:
+    fake_nvml.update({"1.power_default_limit_mw": 400_000, "1.power_min_limit_mw": 300_000})
+    source = open_nvml(clock=FakeClock(), environ={})
+    try:
+        actuator = PowerActuator(source)
+        actuator.follow({0: E, 1: C}, LADDER)
+        assert fake_nvml.limits_set(0) == [560_000]
+        assert fake_nvml.limits_set(1) == [300_000]  # 0.6 x 400 W clamped to the card's 300 W
+        first, second = source.read()
+        assert (first.power_limit_w, second.power_limit_w) == (560.0, 300.0)
+        actuator.shutdown()
+        assert fake_nvml.limits_set(0) == [560_000, 700_000]
+        assert fake_nvml.limits_set(1) == [300_000, 400_000]
+    finally:
+        source.close()
+
+
+def test_over_real_pynvml_unprivileged_is_refused_once(fake_nvml: FakeNvml) -> None:
+    fake_nvml.update({"unprivileged": 1})
+    source = open_nvml(clock=FakeClock(), environ={})
+    try:
+        actuator = PowerActuator(source)
+        for level in (E, H, N, C):
+            actuator.follow({0: level}, LADDER)
+        assert actuator.changes == {(0, "nvml_no_permission"): 1}
+        assert fake_nvml.limits_set(0) == []
+    finally:
+        source.close()
