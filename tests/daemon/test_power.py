@@ -200,3 +200,12 @@ async def test_lever_runs_off_the_loop_and_restores_on_close() -> None:
     assert [round(w) for _, w in card.calls] == [490, 700]
     lever.follow(state, LADDER)
     assert len(card.calls) == 2
+
+
+def test_at_exit_restores_when_the_loop_never_closed_the_lever() -> None:
+    card = FakeCard()
+    lever = PowerLever(PowerActuator(card))
+    lever.actuator.follow({0: C}, LADDER)
+    lever._at_exit()  # what atexit runs when serve() died before its cleanup
+    assert [round(w) for _, w in card.calls] == [420, 700]
+    assert lever.actuator.in_force(0) is None
