@@ -231,7 +231,10 @@ class PowerLever:
 
 
 class PowerCollector(Collector):
-    def __init__(self, actuator: PowerActuator) -> None:
+    """Exports the changes; with no actuator (a telemetry source without a lever) the family is
+    still declared, with no series, so dashboards find the name."""
+
+    def __init__(self, actuator: PowerActuator | None) -> None:
         self._actuator = actuator
 
     def describe(self) -> Iterable[Metric]:
@@ -239,7 +242,8 @@ class PowerCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         family = self._family()
-        for (gpu, result), count in sorted(self._actuator.changes.items()):
+        changes = self._actuator.changes if self._actuator is not None else {}
+        for (gpu, result), count in sorted(changes.items()):
             family.add_metric([str(gpu), result], float(count))
         yield family
 

@@ -24,11 +24,9 @@ class PowerAndEnergy:
         registry.register(EnergyCollector(runtime.energy))
         if isinstance(runtime.engine, BatchObservable):
             runtime.engine.on_batch(runtime.energy.batch_ran)
-        self.lever: PowerLever | None = None
-        if isinstance(source, PowerLimits):
-            actuator = PowerActuator(source)
-            registry.register(PowerCollector(actuator))
-            self.lever = PowerLever(actuator)
+        actuator = PowerActuator(source) if isinstance(source, PowerLimits) else None
+        registry.register(PowerCollector(actuator))
+        self.lever = PowerLever(actuator) if actuator is not None else None
 
     def observe(self, samples: Sequence[GpuSample] | None, now: float) -> None:
         """What the sampler calls: pressure first, then the meter and the lever follow it."""
