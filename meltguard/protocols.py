@@ -67,6 +67,12 @@ class QuotaStore(Protocol):
 
     `now` is unix seconds from the caller's clock; a store with an authoritative clock of its
     own (Redis `TIME`) uses that instead and reports it as `QuotaOutcome.charged_at`.
+
+    `charge_id` names one charge so that a charge and its refund can each be retried: a
+    consume repeated with the same id charges once, a refund repeated with the same id gives
+    back once, and a refund that reaches the store before (or instead of) its consume voids
+    the id, so the late consume charges nothing. The gate always passes one; calls without an
+    id are plain counting (dev harnesses).
     """
 
     @property
@@ -75,14 +81,30 @@ class QuotaStore(Protocol):
         ...
 
     async def consume(
-        self, windows: Sequence[QuotaWindow], cost: float, now: float
-    ) -> QuotaOutcome: ...
+        self,
+        windows: Sequence[QuotaWindow],
+        cost: float,
+        now: float,
+        *,
+        charge_id: str | None = None,
+    ) -> QuotaOutcome:
+        """Charge `cost` to every window, or to none when one lacks room."""
+        ...
 
-    async def refund(self, windows: Sequence[QuotaWindow], cost: float, charged_at: float) -> None:
+    async def refund(
+        self,
+        windows: Sequence[QuotaWindow],
+        cost: float,
+        charged_at: float,
+        *,
+        charge_id: str | None = None,
+    ) -> None:
         """Give back `cost` to the windows that were current at `charged_at` (never below 0)."""
         ...
 
-    async def peek(self, windows: Sequence[QuotaWindow], now: float) -> QuotaOutcome: ...
+    async def peek(self, windows: Sequence[QuotaWindow], now: float) -> QuotaOutcome:
+        """The windows' usage now, charging nothing."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -47,6 +47,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
@@ -433,8 +434,9 @@ class Gate:
                     and now < refused.until and not shadow):
                 # The same cost as a refusal a moment ago: answered without the store.
                 return self._refused(caller, level, refused.again(now), cost, changes)
+            charge_id = uuid.uuid4().hex
             try:
-                quota = await self._store.consume(windows, cost, now)
+                quota = await self._store.consume(windows, cost, now, charge_id=charge_id)
             except Exception as exc:  # any store failure: network, timeout, corruption, bug
                 self._store_failed(exc)
                 quota = None

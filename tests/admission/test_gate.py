@@ -72,12 +72,12 @@ class BrokenStore:
         self.calls = 0
 
     async def consume(self, windows: Sequence[QuotaWindow], cost: float,
-                      now: float) -> QuotaOutcome:
+                      now: float, *, charge_id: str | None = None) -> QuotaOutcome:
         self.calls += 1
         raise ConnectionError("store is down")
 
     async def refund(self, windows: Sequence[QuotaWindow], cost: float,
-                     charged_at: float) -> None:
+                     charged_at: float, *, charge_id: str | None = None) -> None:
         self.calls += 1
         raise ConnectionError("store is down")
 

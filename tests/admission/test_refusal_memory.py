@@ -31,13 +31,13 @@ class CountingStore:
         self.consumes = 0
 
     async def consume(self, windows: Sequence[QuotaWindow], cost: float,
-                      now: float) -> QuotaOutcome:
+                      now: float, *, charge_id: str | None = None) -> QuotaOutcome:
         self.consumes += 1
-        return await self.inner.consume(windows, cost, now)
+        return await self.inner.consume(windows, cost, now, charge_id=charge_id)
 
     async def refund(self, windows: Sequence[QuotaWindow], cost: float,
-                     charged_at: float) -> None:
-        await self.inner.refund(windows, cost, charged_at)
+                     charged_at: float, *, charge_id: str | None = None) -> None:
+        await self.inner.refund(windows, cost, charged_at, charge_id=charge_id)
 
     async def peek(self, windows: Sequence[QuotaWindow], now: float) -> QuotaOutcome:
         return await self.inner.peek(windows, now)

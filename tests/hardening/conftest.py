@@ -79,15 +79,15 @@ class SwitchableStore:
             self.failed_calls += 1
             raise ConnectionError("quota store unreachable")
 
-    async def consume(self, windows: Sequence[QuotaWindow], cost: float, now: float
-                      ) -> QuotaOutcome:
+    async def consume(self, windows: Sequence[QuotaWindow], cost: float, now: float,
+                      *, charge_id: str | None = None) -> QuotaOutcome:
         self._check()
-        return await self.inner.consume(windows, cost, now)
+        return await self.inner.consume(windows, cost, now, charge_id=charge_id)
 
-    async def refund(self, windows: Sequence[QuotaWindow], cost: float, charged_at: float
-                     ) -> None:
+    async def refund(self, windows: Sequence[QuotaWindow], cost: float, charged_at: float,
+                     *, charge_id: str | None = None) -> None:
         self._check()
-        await self.inner.refund(windows, cost, charged_at)
+        await self.inner.refund(windows, cost, charged_at, charge_id=charge_id)
 
     async def peek(self, windows: Sequence[QuotaWindow], now: float) -> QuotaOutcome:
         self._check()

@@ -246,7 +246,12 @@ class RedisQuotaStore:
         await self._call(self._client.ping())
 
     async def consume(
-        self, windows: Sequence[QuotaWindow], cost: float, now: float
+        self,
+        windows: Sequence[QuotaWindow],
+        cost: float,
+        now: float,
+        *,
+        charge_id: str | None = None,
     ) -> QuotaOutcome:
         if self._refused:
             cached = self._cached_refusal(windows, cost, now)
@@ -281,7 +286,14 @@ class RedisQuotaStore:
         exhausted = states[exhausted_index - 1] if exhausted_index else None
         return QuotaOutcome(False, states, exhausted=exhausted, charged_at=charged_at)
 
-    async def refund(self, windows: Sequence[QuotaWindow], cost: float, charged_at: float) -> None:
+    async def refund(
+        self,
+        windows: Sequence[QuotaWindow],
+        cost: float,
+        charged_at: float,
+        *,
+        charge_id: str | None = None,
+    ) -> None:
         for w in windows:
             self._refused.pop(w.key, None)
         args: list[str | float] = [repr(float(cost)), repr(float(charged_at))]

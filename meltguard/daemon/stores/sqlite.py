@@ -150,11 +150,23 @@ class SqliteQuotaStore:
         await self._submit(_Kind.PING, (), 0.0, 0.0)
 
     async def consume(
-        self, windows: Sequence[QuotaWindow], cost: float, now: float
+        self,
+        windows: Sequence[QuotaWindow],
+        cost: float,
+        now: float,
+        *,
+        charge_id: str | None = None,
     ) -> QuotaOutcome:
         return cast(QuotaOutcome, await self._submit(_Kind.CONSUME, windows, cost, now))
 
-    async def refund(self, windows: Sequence[QuotaWindow], cost: float, charged_at: float) -> None:
+    async def refund(
+        self,
+        windows: Sequence[QuotaWindow],
+        cost: float,
+        charged_at: float,
+        *,
+        charge_id: str | None = None,
+    ) -> None:
         await self._submit(_Kind.REFUND, windows, cost, charged_at)
 
     async def peek(self, windows: Sequence[QuotaWindow], now: float) -> QuotaOutcome:
