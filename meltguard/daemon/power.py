@@ -148,8 +148,8 @@ class PowerActuator:
             else:
                 self._in_force[gpu] = ratio
             log.info("power.limit_set", gpu=gpu, watts=round(watts, 1), ratio=ratio,
-                     default_w=card.default_w, pressure=level.label if level else None,
-                     why=why or None)
+                     default_w=card.default_w,
+                     pressure=None if level is None else level.label, why=why or None)
         elif result in _REFUSALS:
             self._refuse(gpu, result, f"the card refused a {watts:.0f} W limit")
         else:

@@ -209,3 +209,12 @@ def test_at_exit_restores_when_the_loop_never_closed_the_lever() -> None:
     lever._at_exit()  # what atexit runs when serve() died before its cleanup
     assert [round(w) for _, w in card.calls] == [420, 700]
     assert lever.actuator.in_force(0) is None
+
+
+def test_the_restore_at_normal_names_the_level() -> None:
+    actuator = PowerActuator(FakeCard())
+    with capture_logs() as logs:
+        actuator.follow({0: H}, LADDER)
+        actuator.follow({0: N}, LADDER)
+    assert [(e["pressure"], e["watts"]) for e in logs if e["event"] == "power.limit_set"] == [
+        ("high", 490.0), ("normal", 700.0)]
