@@ -21,7 +21,7 @@ def _env_bool(flag: str) -> bool:
 
 def _add_telemetry(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--telemetry", default=_env("telemetry", "auto"),
-                        help="auto | nvml | sim | replay:FILE (default: auto)")
+                        help="auto | nvml | sim | replay:FILE[?columns=A,B,...] (default: auto)")
     parser.add_argument("--sim-speed", type=float, default=float(_env("sim-speed", 1.0)),
                         help="time compression of the simulated GPU and sim engine")
     parser.add_argument("--replay-loop", action="store_true", default=_env_bool("replay-loop"),
@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     gpus = commands.add_parser("gpus", help="print what the telemetry source reads now")
     _add_telemetry(gpus)
 
+    from meltguard.daemon.record import add_record_arguments
+
+    add_record_arguments(commands.add_parser(
+        "record", help="record the live NVML telemetry as a replay trace (JSONL)"))
+
     from meltguard.bench.args import add_bench_arguments, add_simulate_arguments
 
     add_bench_arguments(commands.add_parser(
@@ -95,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meltguard.daemon.gpus_command import run_gpus
 
         return run_gpus(args)
+    if args.command == "record":
+        from meltguard.daemon.record import run_record
+
+        return run_record(args)
     if args.command == "bench":
         from meltguard.bench.runner import run_bench
 

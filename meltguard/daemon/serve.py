@@ -74,7 +74,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 class StartupError(Exception):
-    """A reason not to start, printed as one line."""
+    """A reason not to start, printed as one line; `exit_code` 2 marks a usage error (a bad
+    --telemetry value or replay trace)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -142,8 +147,11 @@ def assemble(
                 sim_speed=settings.sim_speed, replay_loop=settings.replay_loop,
                 gpu_indices=settings.gpus,
             )
-        except (NvmlUnavailable, TelemetrySpecError) as exc:
+        except NvmlUnavailable as exc:
             raise StartupError(f"--telemetry {settings.telemetry}: {exc}") from None
+        except TelemetrySpecError as exc:
+            # A replay refusal already names FILE:LINE; the spec would only repeat the file.
+            raise StartupError(str(exc), exit_code=2) from None
     holder["source"] = source
     if engine is None:
         try:
@@ -295,4 +303,4 @@ def run_serve(settings: Settings) -> int:
         return asyncio.run(serve(settings))
     except StartupError as exc:
         print(f"meltguard: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code

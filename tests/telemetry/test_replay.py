@@ -74,7 +74,7 @@ def test_lost_rows_without_an_index_are_placed() -> None:
         [(0, False), (1, True)],
         [(0, True), (1, True)],
     ]
-    with pytest.raises(ReplayFormatError, match="the index column must hold a GPU index"):
+    with pytest.raises(ReplayFormatError, match="<string>:2: index: must hold a GPU index"):
         parse_nvidia_smi_csv("timestamp, index\n2026/11/25 07:38:44.100, [N/A]\n")
 
 
@@ -181,11 +181,13 @@ def test_jsonl_rejects_time_going_backwards_and_duplicates() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("index, temperature.gpu\n0, 50\n", "t.csv:1: nvidia-smi CSV header lacks timestamp"),
+        ("index, temperature.gpu\n0, 50\n",
+         "t.csv:1: this looks like a CSV, but its header names no time column"),
         ("timestamp, index\nyesterday, 0\n", "t.csv:2: timestamp 'yesterday' is not like"),
-        ("timestamp, index, temperature.gpu\n2026/11/25 07:38:44.123, 0, hot\n", "t.csv:2: not a"),
+        ("timestamp, index, temperature.gpu\n2026/11/25 07:38:44.123, 0, hot\n",
+         "t.csv:2: temperature.gpu: not a number: 'hot'"),
         ("timestamp, index, temperature.gpu\n2026/11/25 07:38:44.123, 0\n", "t.csv:2: 2 cells"),
-        ("timestamp, index\n", "t.csv: trace holds no samples"),
+        ("timestamp, index\n", "t.csv:0: trace holds no samples"),
     ],
 )
 def test_csv_errors_name_the_line(text: str, message: str) -> None:
@@ -211,3 +213,14 @@ def test_single_frame_lasts_one_second() -> None:
     assert source.read()
     clock.advance(0.02)
     assert source.read() == []
+
+
+def test_open_source_passes_read_options(tmp_path: Path) -> None:
+    from meltguard.daemon.telemetry.select import open_source
+
+    path = tmp_path / "noheader.csv"
+    path.write_text("2026/02/22 23:20:03.856, 0, 65\n2026/02/22 23:20:04.856, 0, 66\n")
+    source, note = open_source(f"replay:{path}?columns=timestamp,index,temperature.gpu",
+                               clock=FakeClock(), busy_seconds=lambda: 0.0, inflight=lambda: 0)
+    assert isinstance(source, ReplaySource) and note is None
+    assert source.read()[0].temperature_c == 65.0

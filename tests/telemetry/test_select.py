@@ -82,7 +82,7 @@ def test_sim_and_replay() -> None:
         ("sim:x", "--telemetry must be"),
         ("replay", "--telemetry replay needs a file: replay:FILE"),
         ("replay:", "--telemetry replay needs a file"),
-        ("replay:/nonexistent/trace.csv", "/nonexistent/trace.csv: cannot read replay trace"),
+        ("replay:/nonexistent/trace.csv", "/nonexistent/trace.csv:0: cannot read replay trace"),
     ],
 )
 def test_bad_specs(spec: str, message: str) -> None:
