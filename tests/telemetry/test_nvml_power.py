@@ -4,13 +4,16 @@ fake libnvidia-ml.so.1."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from meltguard.admission.policy import Level, parse_policy
 from meltguard.clock import FakeClock
 from meltguard.daemon.power import PowerActuator
+from meltguard.daemon.record import record
 from meltguard.daemon.telemetry.nvml import NvmlSource, open_nvml
+from meltguard.daemon.telemetry.replay import load_trace_file
 from tests.fakenvml import GPU_IS_LOST, NO_PERMISSION, NOT_SUPPORTED, FakeNvml
 
 NO_ENV: dict[str, str] = {}
@@ -138,3 +141,17 @@ def test_over_real_pynvml_unprivileged_is_refused_once(fake_nvml: FakeNvml) -> N
         assert fake_nvml.limits_set(0) == []
     finally:
         source.close()
+
+
+def test_the_energy_counter_is_recorded_and_replayed(fake_nvml: FakeNvml, tmp_path: Path) -> None:
+    fake_nvml.update({"0.energy_mj": 7_654_321, "1.energy.error": NOT_SUPPORTED})
+    clock = FakeClock()
+    source = open_nvml(clock=clock, environ=NO_ENV)
+    path = tmp_path / "trace.jsonl"
+    with path.open("w") as out:
+        record(source, out, clock=clock, sleep=clock.advance, interval=0.5, duration=0.5,
+               header="energy")
+    source.close()
+    first, second = load_trace_file(path).frames[0].samples
+    assert first.energy_j == pytest.approx(7654.321)
+    assert second.energy_j is None
