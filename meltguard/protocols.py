@@ -33,6 +33,11 @@ class Engine(Protocol):
 
     def health(self) -> EngineHealth: ...
 
+    def edit_support(self, kind: str) -> str | None:
+        """None when this engine runs edits of `kind` (values.EDIT_KINDS), else why not, in
+        words for the client; asked before admission so a refusal costs no quota."""
+        ...
+
     def busy_seconds(self) -> float:
         """Cumulative seconds the accelerator has spent generating (drives the simulated GPU)."""
         ...

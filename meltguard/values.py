@@ -79,10 +79,62 @@ class GenerationJob:
     n: int
     seed: int
     negative_prompt: str | None = None
+    edit: EditInput | None = None  # set for /v1/images/edits: the picture to start from
 
-    def batch_key(self) -> tuple[int, int, int]:
-        """Jobs with equal keys can share one pipeline call."""
-        return (self.size.width, self.size.height, self.steps)
+    def batch_key(self) -> tuple[object, ...]:
+        """Jobs with equal keys can share one pipeline call: an edit shares one only with
+        edits of the same kind and strength (a pipeline call takes one of each)."""
+        edit = self.edit
+        if edit is None:
+            return (self.size.width, self.size.height, self.steps)
+        return (self.size.width, self.size.height, self.steps, edit.kind, edit.strength)
+
+
+@dataclass(frozen=True, slots=True)
+class Picture:
+    """A decoded upload: 8-bit pixels, row-major, in PIL's `mode` ("RGB", or "L" for a mask)."""
+
+    width: int
+    height: int
+    mode: str
+    data: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        channels = {"RGB": 3, "L": 1}.get(self.mode)
+        if channels is None:
+            raise ValueError(f"Picture mode must be RGB or L, got {self.mode!r}")
+        expected = self.width * self.height * channels
+        if self.width < 1 or self.height < 1 or len(self.data) != expected:
+            raise ValueError(f"{len(self.data)} bytes are not a {self.width}x{self.height} "
+                             f"{self.mode} picture")
+
+
+EDIT_KINDS = ("image_to_image", "inpaint")
+
+
+@dataclass(frozen=True, slots=True)
+class EditInput:
+    """What an edit starts from. `mask` is white (255) where the picture may change, as
+    diffusers' inpainting pipelines take it; `strength` (0, 1] is how far from the picture the
+    result may move."""
+
+    image: Picture
+    mask: Picture | None
+    strength: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if self.image.mode != "RGB":
+            raise ValueError("the image of an edit must be RGB")
+        mask = self.mask
+        if mask is not None and (mask.mode != "L" or (mask.width, mask.height)
+                                 != (self.image.width, self.image.height)):
+            raise ValueError("the mask of an edit must be L and the size of its image")
+
+    @property
+    def kind(self) -> str:
+        return "image_to_image" if self.mask is None else "inpaint"
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,6 +133,8 @@ class Limits(_Strict):
     max_prompt_chars: Annotated[int, Field(ge=1)] = 4000
     default_size: SizeField = Size(512, 512)
     default_steps: Annotated[int, Field(ge=1)] = 20
+    # Largest file /v1/images/edits accepts per uploaded image or mask (OpenAI's 4 MB).
+    max_upload_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 4 << 20
 
 
 class ExitSignals(_Strict):

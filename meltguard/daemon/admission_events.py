@@ -36,10 +36,11 @@ _log = logging.getLogger(__name__)
 class RequestLine:
     """The one log line of an HTTP request, and the decision that joins it."""
 
-    __slots__ = ("decided",)
+    __slots__ = ("decided", "endpoint")
 
     def __init__(self) -> None:
         self.decided: Decided | None = None
+        self.endpoint = "generations"  # the images route that asked: generations or edits
 
     def write(self, method: str, path: str, status: int, caller: Caller | None,
               ms: float) -> None:
@@ -47,8 +48,8 @@ class RequestLine:
         # bind() hands back the cached logger once logging is configured, without the proxy's
         # per-call attribute lookup: this line is written for every request.
         if decided is not None:
-            _decision_logger(decided).info("admission.decided", method=method, path=path,
-                                           status=status, ms=ms)
+            _decision_logger(decided).info("admission.decided", endpoint=self.endpoint,
+                                           method=method, path=path, status=status, ms=ms)
         elif caller is None:
             log.bind().info("http.request", method=method, path=path, status=status,
                             tier="none", ms=ms)
@@ -66,6 +67,13 @@ def open_request_line() -> RequestLine:
     line = RequestLine()
     _CURRENT.set(line)
     return line
+
+
+def set_endpoint(endpoint: str) -> None:
+    """Name the images route serving this request, for its decision's line and series."""
+    line = _CURRENT.get()
+    if line is not None:
+        line.endpoint = endpoint
 
 
 class _Bound:
@@ -124,7 +132,8 @@ class AdmissionEvents:
                 metrics = self.metrics
                 if metrics is not None:
                     metrics.decided(event.tier, event.decision, event.reason,
-                                    None if event.decision == "reject" else event.wait_s)
+                                    None if event.decision == "reject" else event.wait_s,
+                                    line.endpoint)
                 return
         elif isinstance(event, Settled) and not event.refunded:
             return  # a success without a refund says nothing a series or a line reports

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -24,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from meltguard.admission.auth import Caller
+from meltguard.admission.cost import ImageAsk
 from meltguard.admission.gate import Permit
 from meltguard.daemon.admission_events import RequestLine, open_request_line
 from meltguard.daemon.errors import error_response, from_http_exception
@@ -35,7 +37,7 @@ from meltguard.daemon.ratelimit_headers import ratelimit_headers
 from meltguard.daemon.runtime import Runtime
 from meltguard.errors import ErrorCode, ServiceError, invalid
 from meltguard.inference.errors import EngineOutOfMemory
-from meltguard.values import QuotaOutcome
+from meltguard.values import EditInput, GenerationJob, QuotaOutcome
 
 
 class InflightRequests:
@@ -72,6 +74,10 @@ def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application
     if _quiet_protocol_errors not in server_log.filters:
         server_log.addFilter(_quiet_protocol_errors)
     app.router.add_post("/v1/images/generations", create_image)
+    # Imported here: the edits route builds on this module's request path.
+    from meltguard.daemon.edit_route import create_edit
+
+    app.router.add_post("/v1/images/edits", create_edit)
     app.router.add_get("/v1/images/files/{name}", get_image_file)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/quota", get_quota)
@@ -235,40 +241,64 @@ async def _read_body(request: web.Request, seconds: float) -> bytes:
 
 
 async def create_image(request: web.Request) -> web.Response:
+    runtime, caller = image_caller(request)
+    body = await _read_body(request, runtime.settings.body_timeout)
+    parsed = parse_image_request(body, request.content_type)
+    return await serve_images(request, runtime, caller, parsed.ask, model=parsed.model,
+                              response_format=parsed.response_format)
+
+
+def image_caller(request: web.Request) -> tuple[Runtime, Caller]:
+    """The first steps of both images routes: refuse while draining, authenticate."""
     runtime = request.app[RUNTIME]
     if not runtime.accepting:
         raise ServiceError(ErrorCode.SHUTTING_DOWN, "The server is shutting down; retry shortly.",
                            retry_after=2.0)
-    gate = runtime.gate
-    caller = gate.authenticate(request.headers.get("Authorization"), request.remote or "unknown")
+    caller = runtime.gate.authenticate(request.headers.get("Authorization"),
+                                       request.remote or "unknown")
     request[CALLER] = caller  # the request's line names the tenant and tier from here on
-    body = await _read_body(request, runtime.settings.body_timeout)
-    parsed = parse_image_request(body, request.content_type)
-    if parsed.model is not None and parsed.model != runtime.engine.name:
-        raise invalid("model", f"Unknown model {_clip(parsed.model)!r}; this server runs "
+    return runtime, caller
+
+
+async def serve_images(
+    request: web.Request, runtime: Runtime, caller: Caller, ask: ImageAsk, *,
+    model: str | None, response_format: str, edit: EditInput | None = None,
+) -> web.Response:
+    """Admit `ask`, run it (as an edit of `edit` when given) and answer with its images."""
+    if model is not None and model != runtime.engine.name:
+        raise invalid("model", f"Unknown model {_clip(model)!r}; this server runs "
                                f"{runtime.engine.name!r} (see /v1/models).")
     if runtime.settings.log_prompts:
-        structlog.contextvars.bind_contextvars(prompt=parsed.ask.prompt)
+        structlog.contextvars.bind_contextvars(prompt=ask.prompt)
     if not runtime.engine.health().ready:
         raise ServiceError(ErrorCode.SERVER_OVERLOADED, "The model is still loading.",
                            retry_after=5.0)
+    if edit is not None:
+        unsupported = runtime.engine.edit_support(edit.kind)
+        if unsupported is not None:
+            raise invalid("mask" if edit.mask is not None else "image",
+                          f"This server cannot run this edit: {unsupported}.")
 
+    gate = runtime.gate
     runtime.request_started()
     try:
-        permit = await gate.decide(caller, parsed.ask)
+        permit = await gate.decide(caller, ask)
         if isinstance(permit, ServiceError):
             # Answered here rather than raised to the edge: a flood of refusals is answered
             # as often as anything the daemon does.
             return await refusal_response(request, permit)
         # For the lines written while the image is made (the engine's, a refund's).
         bind_caller(caller.tenant, caller.tier)
-        with runtime.energy.metering(permit.job, caller.tier) as metered:
-            pngs = await _generate(runtime, permit, caller)
+        # The admitted (maybe degraded) job; an edit's picture joins it after admission.
+        job = permit.job if edit is None else dataclasses.replace(permit.job, edit=edit)
+        # Metered by the very job object the engine batches.
+        with runtime.energy.metering(job, caller.tier) as metered:
+            pngs = await _generate(runtime, permit, caller, job)
     finally:
         runtime.request_finished()
 
     now = runtime.clock.wall()
-    if parsed.response_format == "url":
+    if response_format == "url":
         base = runtime.settings.base_url
         data = [{"url": f"{base}/v1/images/files/{runtime.images.put(png, now)}.png"}
                 for png in pngs]
@@ -287,11 +317,12 @@ async def create_image(request: web.Request) -> web.Response:
     return web.json_response(body_out, headers=headers)
 
 
-async def _generate(runtime: Runtime, permit: Permit, caller: Caller) -> list[bytes]:
+async def _generate(runtime: Runtime, permit: Permit, caller: Caller,
+                    job: GenerationJob) -> list[bytes]:
     clock = runtime.clock
     started = clock.monotonic()
     try:
-        pngs = await runtime.engine.generate(permit.job)
+        pngs = await runtime.engine.generate(job)
     except EngineOutOfMemory:
         permit.settle("dropped")
         raise ServiceError(ErrorCode.GPU_OUT_OF_MEMORY,

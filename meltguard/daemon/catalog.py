@@ -40,8 +40,9 @@ class MetricSpec:
 
 
 CATALOG: tuple[MetricSpec, ...] = (
-    MetricSpec("admission_decisions", "counter", ("tier", "decision", "reason"), "decisions",
-               "Admission decisions: admit, degrade, queue, reject, would_reject, would_degrade."),
+    MetricSpec("admission_decisions", "counter", ("tier", "decision", "reason", "endpoint"),
+               "decisions", "Admission decisions: admit, degrade, queue, reject, would_reject, "
+               "would_degrade; endpoint is generations or edits."),
     MetricSpec("requests", "counter", ("tier", "code"), "requests",
                "Requests answered, by tier and HTTP status code."),
     MetricSpec("queue_depth", "gauge", ("tier",), "requests",

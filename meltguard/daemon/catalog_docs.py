@@ -28,6 +28,9 @@ LABEL_DOCS: dict[str, str] = {
     "let through, `ok` otherwise. For `gpu_throttle_active` it is the NVML clocks-event reason, "
     "named as in the policy's `throttle` list (`sw_thermal`, `hw_thermal`, ...).",
     "code": "HTTP status code of the response (`200`, `429`, `503`, ...).",
+    "endpoint": "The images route the request came to: `generations` "
+    "(`/v1/images/generations`, and decisions made outside a request) or `edits` "
+    "(`/v1/images/edits`).",
     "model": "Model the engine runs (`tiny`, `sim`, a path or a Hugging Face id).",
     "gpu": "GPU index as a string (`0`, `1`, ...); `pressure_level` also has `gpu=\"all\"`, the "
     "level admission acts on.",

@@ -117,19 +117,19 @@ class Metrics:
         # `labels(...)` takes the metric's lock and validates the values on every call; the
         # flush keeps the children it has seen. Label values come from the policy (tiers) and
         # fixed vocabularies (decisions, reasons, status codes), so these stay small.
-        self._decided: dict[tuple[str, str, str], Counter] = {}
+        self._decided: dict[tuple[str, str, str, str], Counter] = {}
         self._requests: dict[tuple[str, int], Counter] = {}
-        self._pending_decided: dict[tuple[str, str, str], int] = {}
+        self._pending_decided: dict[tuple[str, str, str, str], int] = {}
         self._pending_requests: dict[tuple[str, int], int] = {}
         self._pending_waits: dict[tuple[str, float], int] = {}  # (tier, seconds) -> count
         self._end_of_turn = EndOfTurn(self.flush)
 
     def decided(self, tier: str, decision: str, reason: str,
-                waited: float | None = None) -> None:
+                waited: float | None = None, endpoint: str = "generations") -> None:
         """One decision; `waited` is an admission's stay in the queue (zero when a slot was
         free), recorded with it."""
         pending = self._pending_decided
-        key = (tier, decision, reason)
+        key = (tier, decision, reason, endpoint)
         pending[key] = pending.get(key, 0) + 1
         if waited is not None:
             waits = self._pending_waits

@@ -12,6 +12,7 @@ from typing import Any
 
 from meltguard import __version__
 from meltguard.admission.policy import Limits, Policy
+from meltguard.daemon.edit_request import EDIT_IGNORED, MAX_UPLOAD_PIXELS, MIN_STRENGTH
 from meltguard.daemon.image_request import IGNORED, MAX_SEED, QUALITIES, RESPONSE_FORMATS
 from meltguard.errors import ErrorCode
 
@@ -104,6 +105,48 @@ def _image_request(limits: Limits) -> dict[str, Any]:
     }
 
 
+def _edit_request(limits: Limits) -> dict[str, Any]:
+    """multipart/form-data: every value travels as text or a file."""
+    image = {"type": "string", "format": "binary",
+             "description": f"PNG, JPEG or WebP, at most {limits.max_upload_bytes} bytes and "
+                            f"{MAX_UPLOAD_PIXELS} pixels; larger pictures are shrunk to fit "
+                            f"{limits.max_size}."}
+    return {
+        "type": "object",
+        "required": ["image", "prompt"],
+        "additionalProperties": False,
+        "properties": {
+            "image": image,
+            "mask": {"type": "string", "format": "binary",
+                     "description": "PNG with alpha, the image's size: transparent pixels "
+                                    "mark where to edit (inpainting). Without it the whole "
+                                    "picture is redrawn (image-to-image)."},
+            "prompt": {"type": "string", "minLength": 1, "maxLength": limits.max_prompt_chars,
+                       "pattern": "\\S"},
+            "model": {"type": "string"},
+            "n": {"type": "integer", "minimum": 1, "maximum": limits.max_n},
+            "size": {"type": "string", "pattern": "^(auto|[1-9][0-9]{0,5}x[1-9][0-9]{0,5})$",
+                     "description": "WIDTHxHEIGHT in multiples of 8 within "
+                                    f"{limits.max_size}; default: the picture's size."},
+            "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS)},
+            "quality": {"type": "string", "enum": list(QUALITIES)},
+            "user": {"type": "string"},
+            "output_format": {"type": "string", "enum": ["png"]},
+            "stream": {"type": "string", "enum": ["false"]},
+            "steps": {"type": "integer", "minimum": 1, "maximum": limits.max_steps,
+                      "description": "meltguard extension: denoising steps, charged as for a "
+                                     "generation."},
+            "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+            "strength": {"type": "number", "minimum": MIN_STRENGTH, "maximum": 1,
+                         "description": "meltguard extension: how far from the picture the "
+                                        "result may move (default 0.8, or 1.0 with a mask)."},
+            **{name: {"type": "string", "description": "Accepted for OpenAI compatibility "
+                                                       "and ignored."}
+               for name in EDIT_IGNORED},
+        },
+    }
+
+
 _IMAGES_RESPONSE = {
     "type": "object",
     "required": ["created", "data", "usage"],
@@ -188,6 +231,7 @@ def openapi_document(policy: Policy | None = None) -> dict[str, Any]:
             "schemas": {
                 "Error": _ERROR,
                 "ImageRequest": _image_request(limits),
+                "ImageEditRequest": _edit_request(limits),
                 "ImagesResponse": _IMAGES_RESPONSE,
                 "Quota": _QUOTA,
                 "Models": _MODELS,
@@ -209,6 +253,34 @@ def openapi_document(policy: Policy | None = None) -> dict[str, Any]:
                                      "x-meltguard-degraded names what pressure changed.",
                                      _RATELIMIT),
                         "400": _error("invalid_request_error with the offending param."),
+                        "401": _401,
+                        "408": _error("request_timeout: the body did not arrive in time."),
+                        "413": _error("payload_too_large: body over the size limit."),
+                        "429": _429,
+                        "500": _error("generation_failed: the engine failed; quota refunded."),
+                        "503": _503,
+                    },
+                }
+            },
+            "/v1/images/edits": {
+                "post": {
+                    "operationId": "createImageEdit",
+                    "description": "Admitted, charged, degraded and shed exactly like a "
+                                   "generation of the same output size, n and steps; the "
+                                   "upload is checked first, so a refused one costs nothing.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"multipart/form-data": {
+                            "schema": {"$ref": "#/components/schemas/ImageEditRequest"}}},
+                    },
+                    "responses": {
+                        "200": _json("ImagesResponse", "The edited images; "
+                                     "x-meltguard-degraded names what pressure changed.",
+                                     _RATELIMIT),
+                        "400": _error("invalid_request_error with the offending param "
+                                      "(image, mask, prompt, ...): a file too large, not an "
+                                      "image, too many pixels, a mask without alpha or of "
+                                      "another size, or an edit this model cannot run."),
                         "401": _401,
                         "408": _error("request_timeout: the body did not arrive in time."),
                         "413": _error("payload_too_large: body over the size limit."),

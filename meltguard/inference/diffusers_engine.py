@@ -8,7 +8,9 @@ calls never interleave. CUDA with fp16 when present, else CPU with fp32.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +21,15 @@ import structlog
 import torch
 
 from meltguard.inference.batcher import Batcher, BatchListener
-from meltguard.inference.errors import EngineFailure, EngineOutOfMemory, ModelNotFound
-from meltguard.inference.loading import load_pipeline_dir, stage
+from meltguard.inference.errors import (
+    EditUnsupported,
+    EngineFailure,
+    EngineOutOfMemory,
+    ModelNotFound,
+)
+from meltguard.inference.loading import edit_pipelines, load_pipeline_dir, stage
 from meltguard.protocols import Clock
-from meltguard.values import EngineHealth, GenerationJob, Size
+from meltguard.values import EditInput, EngineHealth, GenerationJob, Picture, Size
 
 log = structlog.get_logger("meltguard.inference")
 
@@ -103,6 +110,8 @@ class DiffusersEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
         self._batcher = Batcher(self._run_batch, max_batch=max_batch, clock=clock)
         self._pipeline: Any | None = None
+        # kind -> the pipeline serving that kind of edit, or why this model cannot.
+        self._edits: dict[str, Any] = {}
         self._load_lock: asyncio.Lock | None = None
         self._ready = False
         self._closed = False
@@ -137,6 +146,12 @@ class DiffusersEngine:
     def health(self) -> EngineHealth:
         return EngineHealth(ready=self._ready, detail=self._detail, device=self._device)
 
+    def edit_support(self, kind: str) -> str | None:
+        """None when edits of `kind` can run (or the model is not loaded yet, so nobody
+        knows); else why not, in words for the client."""
+        reason = self._edits.get(kind)
+        return reason if isinstance(reason, str) else None
+
     def busy_seconds(self) -> float:
         return self._batcher.busy_seconds()
 
@@ -151,6 +166,7 @@ class DiffusersEngine:
         # Wait for a batch still on the worker thread before dropping the weights under it.
         await asyncio.to_thread(self._executor.shutdown, True)
         self._pipeline = None
+        self._edits = {}
         if self._device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -172,9 +188,13 @@ class DiffusersEngine:
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             try:
-                self._pipeline = await loop.run_in_executor(
+                pipeline = await loop.run_in_executor(
                     self._executor, self._factory, self._device, self._dtype
                 )
+                self._edits = await loop.run_in_executor(
+                    self._executor, edit_pipelines, self._name, pipeline
+                )
+                self._pipeline = pipeline
             except ModelNotFound as exc:
                 self._detail = str(exc)
                 raise
@@ -188,9 +208,10 @@ class DiffusersEngine:
                 raise EngineFailure(f"loading {self._name} failed: {exc}") from exc
             # tqdm bars would write to stderr on every request of a daemon; the setting
             # holds for every later call of this pipeline.
-            configure = getattr(self._pipeline, "set_progress_bar_config", None)
-            if callable(configure):
-                configure(disable=True)
+            for each in (self._pipeline, *self._edits.values()):
+                configure = getattr(each, "set_progress_bar_config", None)
+                if callable(configure):
+                    configure(disable=True)
             self._detail = f"loaded on {self._device} ({self._dtype_name}), not warmed up"
             log.info(
                 "engine.loaded",
@@ -209,29 +230,50 @@ class DiffusersEngine:
         pipeline = self._pipeline
         if pipeline is None:
             raise EngineFailure("engine is closed")
-        size, steps = jobs[0].size, jobs[0].steps
+        size, steps, edit = jobs[0].size, jobs[0].steps, jobs[0].edit
+        height = _round_up(size.height, self._size_multiple)
+        width = _round_up(size.width, self._size_multiple)
+        arguments: dict[str, Any] = {"num_inference_steps": steps}
+        if edit is not None:
+            pipeline = self._edits.get(edit.kind)
+            if pipeline is None or isinstance(pipeline, str):
+                raise EditUnsupported(pipeline or f"{self._name} cannot run {edit.kind} edits")
+            arguments = {"strength": edit.strength,
+                         "num_inference_steps": edit_schedule(steps, edit.strength)}
         prompts: list[str] = []
         negatives: list[str] = []
+        starts: list[Any] = []
+        masks: list[Any] = []
         generators: list[torch.Generator] = []
         for job in jobs:
+            start = _edit_images(job.edit, width, height) if job.edit is not None else None
             for index in range(job.n):
                 prompts.append(job.prompt)
                 negatives.append(job.negative_prompt or "")
+                if start is not None:
+                    starts.append(start[0])
+                    if start[1] is not None:
+                        masks.append(start[1])
                 # One CPU generator per image, seeded seed+i: image i of a job is the same
                 # pixels whatever else shares the batch, and on any device.
                 generators.append(
                     torch.Generator("cpu").manual_seed((job.seed + index) & _SEED_MASK)
                 )
+        if starts:
+            arguments["image"] = starts
+        if masks:
+            arguments["mask_image"] = masks
         try:
             with torch.inference_mode():
-                output = pipeline(
+                output = _call(
+                    pipeline,
                     prompt=prompts,
                     negative_prompt=negatives,
-                    height=_round_up(size.height, self._size_multiple),
-                    width=_round_up(size.width, self._size_multiple),
-                    num_inference_steps=steps,
+                    height=height,
+                    width=width,
                     generator=generators,
                     output_type="pil",
+                    **arguments,
                 )
             pngs = [_png(image, size) for image in output.images]
         except Exception as exc:
@@ -253,6 +295,38 @@ class DiffusersEngine:
             results.append(pngs[offset : offset + job.n])
             offset += job.n
         return results
+
+
+def edit_schedule(steps: int, strength: float) -> int:
+    """The schedule length for an edit: diffusers runs int(length x strength) of its steps,
+    so a short, weak edit would run none; it runs at least one."""
+    if int(steps * strength) >= 1:
+        return steps
+    return max(steps, math.ceil(1 / strength))
+
+
+def _call(pipeline: Any, **arguments: Any) -> Any:
+    """Call with the arguments this pipeline's family names: image-to-image pipelines take
+    their size from the image, and some families have no negative prompt."""
+    accepted = inspect.signature(pipeline.__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return pipeline(**arguments)  # diffusers' **kwargs takes (and drops) the rest
+    return pipeline(**{key: value for key, value in arguments.items() if key in accepted})
+
+
+def _edit_images(edit: EditInput, width: int, height: int) -> tuple[Any, Any | None]:
+    """The picture (and mask) at the size the pipeline runs at: the output's size."""
+    from PIL import Image
+
+    def at_size(picture: Picture, resample: Image.Resampling) -> Any:
+        image = Image.frombytes(picture.mode, (picture.width, picture.height), picture.data)
+        if image.size != (width, height):
+            image = image.resize((width, height), resample)
+        return image
+
+    mask = edit.mask
+    return (at_size(edit.image, Image.Resampling.LANCZOS),
+            at_size(mask, Image.Resampling.NEAREST) if mask is not None else None)
 
 
 def _png(image: Any, size: Size) -> bytes:

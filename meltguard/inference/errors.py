@@ -25,3 +25,8 @@ class ModelNotFound(Exception):
             "--model tiny or sim, a local diffusers pipeline folder (the one holding "
             "model_index.json), or a Hugging Face id that is already in the local cache."
         )
+
+
+class EditUnsupported(EngineFailure):
+    """The model's pipeline family has no pipeline for this kind of edit. The daemon asks
+    `Engine.edit_support` before admission, so a client sees this only in a race with a load."""

@@ -97,9 +97,13 @@ def load_pipeline_dir(model: str, path: Path, *, dtype: torch.dtype) -> Any:
     if index.get("_class_name") != "StableDiffusionPipeline" or not all(
         (path / part).is_dir() for part in _SD_COMPONENTS
     ):
+        # A component saved as [null, null] was left out on purpose (SD3 without its T5
+        # encoder); diffusers loads such a folder only when told so by name.
+        absent = {name: None for name, entry in index.items()
+                  if isinstance(entry, list) and entry == [None, None]}
         with stage(model, "pipeline", kind=str(index.get("_class_name"))):
             return diffusers.DiffusionPipeline.from_pretrained(
-                path, torch_dtype=dtype, local_files_only=True
+                path, torch_dtype=dtype, local_files_only=True, **absent
             )
 
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -148,3 +152,24 @@ def _scheduler_class(diffusers: Any, index: dict[str, Any]) -> Any:
     entry = index.get("scheduler")
     name = entry[1] if isinstance(entry, list) and len(entry) == 2 else "PNDMScheduler"
     return getattr(diffusers, str(name), diffusers.PNDMScheduler)
+
+
+def edit_pipelines(model: str, pipeline: Any) -> dict[str, Any]:
+    """The image-to-image and inpainting pipelines of `pipeline`'s family, built from the SAME
+    components (diffusers' `from_pipe`: no weights load or copy). A family diffusers has no
+    such pipeline for maps to a string saying so, which the daemon shows the client."""
+    diffusers = untyped_diffusers()
+    family = type(pipeline).__name__
+    built: dict[str, Any] = {}
+    for kind, auto in (("image_to_image", diffusers.AutoPipelineForImage2Image),
+                       ("inpaint", diffusers.AutoPipelineForInpainting)):
+        with stage(model, kind):
+            try:
+                built[kind] = auto.from_pipe(pipeline)
+            # Edits are optional: whatever from_pipe fails with, generations still serve.
+            except Exception as exc:
+                log.info("engine.edit_unsupported", model=model, kind=kind, family=family,
+                         error=str(exc))
+                built[kind] = (f"model {model!r} is a {family}, a family diffusers has no "
+                               f"{kind.replace('_', '-')} pipeline for")
+    return built

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from meltguard.inference.batcher import Batcher, BatchListener
 from meltguard.protocols import Clock
-from meltguard.values import EngineHealth, GenerationJob, Size
+from meltguard.values import EDIT_KINDS, EditInput, EngineHealth, GenerationJob, Size
 
 SIM_NAME = "sim"
 
@@ -109,7 +109,12 @@ class SimEngine:
         # Encoding is CPU work done after the GPU has finished, so it stays outside the busy
         # time the simulated GPU heats on; inside it, time compression would multiply its
         # few milliseconds into seconds of phantom GPU work (13% more duty at --sim-speed 40).
-        return [sim_png(job.size, job.prompt, job.seed + index) for index in range(job.n)]
+        text = job.prompt if job.edit is None else f"{job.prompt}\0{edit_digest(job.edit)}"
+        return [sim_png(job.size, text, job.seed + index) for index in range(job.n)]
+
+    def edit_support(self, kind: str) -> str | None:
+        """Both kinds: an edit costs the simulated GPU what a generation of its size does."""
+        return None if kind in EDIT_KINDS else f"unknown kind of edit {kind!r}"
 
     def health(self) -> EngineHealth:
         if self._closed:
@@ -165,6 +170,16 @@ def sim_png(size: Size, prompt: str, seed: int) -> bytes:
             _chunk(b"IEND", b""),
         )
     )
+
+
+def edit_digest(edit: EditInput) -> str:
+    """What a simulated edit's pixels depend on besides prompt and seed: its picture, mask
+    and strength."""
+    digest = hashlib.blake2b(edit.image.data, digest_size=8)
+    if edit.mask is not None:
+        digest.update(edit.mask.data)
+    digest.update(repr(edit.strength).encode())
+    return digest.hexdigest()
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -108,6 +108,9 @@ class ScriptedEngine:
     def health(self) -> EngineHealth:
         return EngineHealth(ready=True, detail="scripted", device="cpu")
 
+    def edit_support(self, kind: str) -> str | None:
+        return None
+
     def busy_seconds(self) -> float:
         return 0.0
 

@@ -33,8 +33,8 @@ async def test_updates_are_applied_at_the_end_of_the_turn() -> None:
         metrics.request_done("pro", 200)
     metrics.waited("pro", 0.3)
     metrics.waited("pro", 2.0)
-    labels = {"tier": "pro", "decision": "admit", "reason": "ok"}
-    metrics.decisions.labels("pro", "admit", "ok")
+    labels = {"tier": "pro", "decision": "admit", "reason": "ok", "endpoint": "generations"}
+    metrics.decisions.labels("pro", "admit", "ok", "generations")
     assert _applied(metrics.decisions, labels) == 0.0  # nothing applied yet within this turn
     await asyncio.sleep(0)
     assert _applied(metrics.decisions, labels) == 3.0
@@ -49,11 +49,11 @@ async def test_a_scrape_within_the_turn_sees_every_update() -> None:
     metrics, registry = _metrics()
     metrics.decided("free", "reject", "daily_quota_exceeded")
     text = generate_latest(registry).decode()
-    assert ('meltguard_admission_decisions_total{decision="reject",'
+    assert ('meltguard_admission_decisions_total{decision="reject",endpoint="generations",'
             'reason="daily_quota_exceeded",tier="free"} 1.0') in text
     await asyncio.sleep(0)  # the turn's own flush finds nothing left to apply
     assert _value(registry, "meltguard_admission_decisions_total",
-                  {"tier": "free", "decision": "reject",
+                  {"tier": "free", "decision": "reject", "endpoint": "generations",
                    "reason": "daily_quota_exceeded"}) == 1.0
 
 

@@ -22,7 +22,7 @@ from meltguard.daemon.logs import configure_logging
 from tests.daemon.conftest import BuildApp
 
 DECIDED = Decided("pro", "pro-tenant", "admit", "ok", Level.NORMAL, 1.0, 0.0)
-LABELS = {"tier": "pro", "decision": "admit", "reason": "ok"}
+LABELS = {"tier": "pro", "decision": "admit", "reason": "ok", "endpoint": "generations"}
 
 
 def _decisions(runtime: Any) -> float:
@@ -104,7 +104,7 @@ def _refusal(tenant: str = "flooder", reason: str = "daily_quota_exceeded") -> D
 def _rejections(runtime: Any, reason: str = "daily_quota_exceeded") -> float:
     value = runtime.metrics.registry.get_sample_value(
         "meltguard_admission_decisions_total",
-        {"tier": "free", "decision": "reject", "reason": reason})
+        {"tier": "free", "decision": "reject", "reason": reason, "endpoint": "generations"})
     return value or 0.0
 
 
@@ -127,7 +127,8 @@ async def test_a_decision_joins_its_request_line_and_is_counted_at_once(
         assert _rejections(runtime) == 1.0
         await asyncio.sleep(0)
     assert logs == [{
-        "event": "admission.decided", "method": "POST", "path": "/v1/images/generations",
+        "event": "admission.decided", "endpoint": "generations", "method": "POST",
+        "path": "/v1/images/generations",
         "status": 429, "ms": 1.5, "tier": "free", "tenant": "flooder", "decision": "reject",
         "reason": "daily_quota_exceeded", "pressure": "normal", "cost": 1.0, "wait_s": 0.0,
         "degraded": None, "log_level": "info",

@@ -119,6 +119,8 @@ async def test_a_fresh_build_logs_every_stage_and_has_the_same_weights(
         "vae",
         "scheduler",
         "to_device",
+        "image_to_image",
+        "inpaint",
         "warm_up",
     ]
     assert all(e["seconds"] >= 0 for e in logs if e["event"] == "engine.load")
