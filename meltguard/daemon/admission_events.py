@@ -166,7 +166,8 @@ class AdmissionEvents:
             if metrics is not None:
                 metrics.waited(event.tier, event.seconds)
         elif isinstance(event, Settled):
-            log.info("quota.refunded", tier=event.tier, outcome=event.outcome,
+            # Asked for, not yet done: the store wrapper logs quota.refunded when it is.
+            log.info("quota.refund_requested", tier=event.tier, outcome=event.outcome,
                      cost=round(event.refunded, 4))
         elif isinstance(event, StoreFailed):
             if metrics is not None:

@@ -29,12 +29,15 @@ from meltguard.admission.cost import ImageAsk
 from meltguard.admission.gate import Permit
 from meltguard.daemon.admission_events import RequestLine, open_request_line
 from meltguard.daemon.errors import error_response, from_http_exception
+from meltguard.daemon.http_guard import body_guard, expect_handler
 from meltguard.daemon.image_request import parse_image_request
 from meltguard.daemon.logs import bind_caller, start_request_context
 from meltguard.daemon.metrics import Metrics
 from meltguard.daemon.openapi import openapi_document
 from meltguard.daemon.ratelimit_headers import ratelimit_headers
 from meltguard.daemon.runtime import Runtime
+from meltguard.daemon.stores.lifecycle import QUOTA_STORE
+from meltguard.daemon.stores.lifecycle import readiness as store_readiness
 from meltguard.errors import ErrorCode, ServiceError, invalid
 from meltguard.inference.errors import EngineOutOfMemory
 from meltguard.values import EditInput, GenerationJob, QuotaOutcome
@@ -60,8 +63,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application:
+    max_body = runtime.settings.max_body_bytes
     app = web.Application(
-        client_max_size=runtime.settings.max_body_bytes, middlewares=[edge_middleware]
+        client_max_size=max_body,
+        middlewares=[edge_middleware, body_guard(max_body, ("/v1/images/generations",))],
     )
     app[RUNTIME] = runtime
     app[INFLIGHT] = InflightRequests()
@@ -73,7 +78,8 @@ def create_app(runtime: Runtime, registry: CollectorRegistry) -> web.Application
     server_log = logging.getLogger("aiohttp.server")
     if _quiet_protocol_errors not in server_log.filters:
         server_log.addFilter(_quiet_protocol_errors)
-    app.router.add_post("/v1/images/generations", create_image)
+    app.router.add_post("/v1/images/generations", create_image,
+                        expect_handler=expect_handler(max_body))
     # Imported here: the edits route builds on this module's request path.
     from meltguard.daemon.edit_route import create_edit
 
@@ -405,7 +411,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     health = runtime.engine.health()
-    ready = health.ready and runtime.accepting
+    store_ready, store = await store_readiness(
+        request.app.get(QUOTA_STORE),
+        fails_closed=runtime.loaded.policy.on_store_error == "closed")
+    ready = health.ready and runtime.accepting and store_ready
     body = {
         "ready": ready,
         "engine": {"name": runtime.engine.name, "ready": health.ready, "detail": health.detail,
@@ -414,6 +423,7 @@ async def readyz(request: web.Request) -> web.Response:
         "pressure": runtime.level.label,
         "policy": {"mode": runtime.loaded.policy.mode, "sha256": runtime.loaded.sha256},
         "accepting": runtime.accepting,
+        "store": store,
     }
     return web.json_response(body, status=200 if ready else 503)
 

@@ -18,8 +18,8 @@ Cases (every one a GET on the same server, answering the same tiny JSON body):
 - `<store> reject`: an over-quota key: the gate refuses with `daily_quota_exceeded`, and the
   answer is the daemon's own error response with its headers.
 The gate, runtime and metrics come from `serve.assemble` (the daemon's wiring) with the
-store from `open_store` (production timeouts); Redis is a throwaway redis-server on a free
-port.
+store from `build_store` (the daemon's chain, production timeouts); Redis is a throwaway
+redis-server on a free port.
 
 The box is shared and noisy: every round runs every case once, in a rotated order, and each
 ratio is the median over rounds of the ratio measured within one round.
@@ -70,7 +70,7 @@ from meltguard.daemon.ratelimit_headers import ratelimit_headers
 from meltguard.daemon.serve import Assembly, assemble
 from meltguard.daemon.settings import Settings
 from meltguard.daemon.stores.bench import redis_server
-from meltguard.daemon.stores.select import open_store
+from meltguard.daemon.stores.select import build_store, innermost, open_store
 from meltguard.daemon.stores.sqlite import SqliteQuotaStore
 from meltguard.errors import ServiceError
 from meltguard.protocols import QuotaStore
@@ -358,7 +358,8 @@ async def run(args: argparse.Namespace, work: Path, redis_url: str) -> Results:
     policy_path.write_text(POLICY.format(admit=_sha(ADMIT_KEY), reject=_sha(REJECT_KEY)))
     specs = {"memory": "memory", "sqlite": f"sqlite:{work / 'quota.sqlite3'}",
              "redis": redis_url}
-    stores = {name: open_store(spec) for name, spec in specs.items()}
+    # The chain the daemon runs (refusals cached for a second, durable refunds).
+    stores = {name: build_store(spec) for name, spec in specs.items()}
     assemblies = {name: _assembly(specs[name], stores[name], policy_path) for name in STORES}
     runtimes = {name: assembly.runtime for name, assembly in assemblies.items()}
     gates = {name: runtime.gate for name, runtime in runtimes.items()}
@@ -400,7 +401,7 @@ async def run(args: argparse.Namespace, work: Path, redis_url: str) -> Results:
             "meltguard_quota_store_errors_total", {"store": stores[name].name})
         return value or 0.0
 
-    sqlite_store = stores["sqlite"]
+    sqlite_store = innermost(stores["sqlite"])
     assert isinstance(sqlite_store, SqliteQuotaStore)
     sqlite_requests = 0
     warmup_errors: dict[str, float] = {}

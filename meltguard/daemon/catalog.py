@@ -89,6 +89,13 @@ CATALOG: tuple[MetricSpec, ...] = (
                "1 for the policy in force: its mode and the SHA-256 of its file."),
     MetricSpec("quota_store_errors", "counter", ("store",), "errors",
                "Quota store calls that failed (the decision then follows on_store_error)."),
+    MetricSpec("quota_store_up", "gauge", ("store",), "boolean",
+               "1 while the quota store's last call worked, 0 while it fails (see /readyz)."),
+    MetricSpec("quota_refunds_pending", "gauge", (), "refunds",
+               "Refunds (and voids of unanswered charges) the quota store has not taken yet."),
+    MetricSpec("quota_refunds", "counter", ("result",), "refunds",
+               "Refund attempts by result: success (the store took it), retry (it failed and "
+               "stays queued), dropped (the queue was full), abandoned (left at shutdown)."),
     MetricSpec("gpu_energy_joules", "counter", ("gpu",), "joules",
                "Energy the card has used since its driver loaded, from its own counter."),
     MetricSpec("power_limit_changes", "counter", ("gpu", "result"), "changes",

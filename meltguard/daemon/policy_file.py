@@ -50,6 +50,15 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The SHA-256 of the file's bytes as they are now, None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
 def load_policy_file(path: str | os.PathLike[str]) -> LoadedPolicy:
     name = os.fspath(path)
     try:

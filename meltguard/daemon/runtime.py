@@ -17,7 +17,12 @@ from meltguard.daemon.admission_events import AdmissionEvents
 from meltguard.daemon.energy import EnergyMeter
 from meltguard.daemon.image_files import ImageFiles
 from meltguard.daemon.metrics import LiveView, Metrics
-from meltguard.daemon.policy_file import LoadedPolicy, PolicyFileError, load_policy_file
+from meltguard.daemon.policy_file import (
+    LoadedPolicy,
+    PolicyFileError,
+    file_sha256,
+    load_policy_file,
+)
 from meltguard.daemon.settings import Settings
 from meltguard.protocols import Clock, Engine
 from meltguard.values import GpuSample
@@ -92,12 +97,18 @@ class Runtime:
         if path is None:
             log.info("policy.reload_skipped", trigger=trigger, reason="built-in policy in use")
             return True
+        digest = file_sha256(path)
+        if digest is not None and digest == self.rejected_sha256:
+            # SIGHUP and the file watcher both see one bad edit: it fails (and counts) once.
+            log.info("policy.reload_skipped", trigger=trigger, reason="already rejected")
+            return False
         try:
             loaded = load_policy_file(path)
         except (PolicyFileError, OSError) as exc:
             errors = exc.lines if isinstance(exc, PolicyFileError) else [f"{path}: {exc}"]
             log.error("policy.reload_failed", trigger=trigger, errors=errors)
             self._count_reload("failure")
+            self.rejected_sha256 = digest
             return False
         changed = loaded.sha256 != self.loaded.sha256
         self.loaded = loaded

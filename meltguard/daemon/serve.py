@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from meltguard.admission.policy import Policy
 from meltguard.clock import SystemClock
+from meltguard.daemon import fd_guard
 from meltguard.daemon.admission_events import AdmissionEvents
 from meltguard.daemon.app import abandon_inflight, create_app
 from meltguard.daemon.logs import configure_logging
@@ -32,7 +33,14 @@ from meltguard.daemon.policy_file import (
 from meltguard.daemon.power_wiring import PowerAndEnergy
 from meltguard.daemon.runtime import Runtime
 from meltguard.daemon.settings import Settings
-from meltguard.daemon.stores.select import default_store_spec, open_store
+from meltguard.daemon.stores.lifecycle import (
+    QUOTA_STORE,
+    StoreUnusable,
+    check_at_start,
+    register_store_metrics,
+)
+from meltguard.daemon.stores.redis import redact_url
+from meltguard.daemon.stores.select import build_store, default_store_spec
 from meltguard.daemon.strategies import make_gate
 from meltguard.daemon.telemetry import (
     NvmlUnavailable,
@@ -116,7 +124,7 @@ def assemble(
     loaded = load_initial_policy(settings)
     if store is None:
         try:
-            store = open_store(settings.store)
+            store = build_store(settings.store)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
 
@@ -189,6 +197,8 @@ def assemble(
 
     runtime.on_policy_change = retune
     app = create_app(runtime, registry)
+    app[QUOTA_STORE] = store
+    register_store_metrics(registry, store)
     app.cleanup_ctx.append(_resources_ctx(sampler, source, store, runtime))
     app.cleanup_ctx.append(power.ctx)
     return Assembly(runtime, app, source, sampler)
@@ -203,21 +213,19 @@ def _resources_ctx(
         sampler.start()
         yield
         await sampler.stop()  # closes the source, unless a read is hung inside the driver
+        await runtime.gate.drain()  # the gate's refunds reach the store before it closes
         await store.close()
 
     return ctx
 
 
 async def _warm_store(store: QuotaStore) -> None:
-    """Open the store's connections before the first request instead of during a burst; an
-    unreachable store is logged, not fatal (on_store_error decides what that means)."""
-    ping = getattr(store, "ping", None)
-    if ping is None:
-        return
+    """Open the store's connections before the first request instead of during a burst: an
+    unusable SQLite file stops startup; an unreachable Redis is logged (lifecycle.py)."""
     try:
-        await asyncio.gather(*(ping() for _ in range(4)))
-    except Exception as exc:
-        log.error("quota_store.unreachable_at_start", store=store.name, error=str(exc))
+        await check_at_start(store)
+    except StoreUnusable as exc:
+        raise StartupError(str(exc)) from None
 
 
 async def _watch_policy(runtime: Runtime, interval: float) -> None:
@@ -237,6 +245,7 @@ async def _watch_policy(runtime: Runtime, interval: float) -> None:
 async def serve(settings: Settings) -> int:
     clock = SystemClock()
     registry = CollectorRegistry()
+    fd_guard.install(asyncio.get_running_loop())
     assembly = assemble(settings, clock, registry)
     runtime = assembly.runtime
     if runtime.telemetry_note:
@@ -256,7 +265,7 @@ async def serve(settings: Settings) -> int:
     await site.start()
     log.info("meltguard.listening", url=settings.base_url, model=runtime.engine.name,
              telemetry=runtime.telemetry_kind, policy=settings.policy or "built-in",
-             store=settings.store)
+             store=redact_url(settings.store))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -187,7 +187,7 @@ async def test_a_refund_is_logged_and_a_plain_success_is_not(build: BuildApp) ->
         runtime.on_event(Settled("pro", "success", 0.0))
         runtime.on_event(Settled("pro", "failed", 1.5))
         await asyncio.sleep(0)
-    assert logs == [{"event": "quota.refunded", "tier": "pro", "outcome": "failed",
+    assert logs == [{"event": "quota.refund_requested", "tier": "pro", "outcome": "failed",
                      "cost": 1.5, "log_level": "info"}]
 
 

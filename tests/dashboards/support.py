@@ -39,6 +39,7 @@ ALERTS = (
     "MeltguardPaidTierRejections",
     "MeltguardQueueWaitOverBudget",
     "MeltguardQuotaStoreFailingOpen",
+    "MeltguardQuotaRefundsStuck",
     "MeltguardPowerLeverRefused",
 )
 

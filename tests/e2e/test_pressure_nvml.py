@@ -15,6 +15,7 @@ from tests.e2e.conftest import (
     error_code,
     generate,
     header,
+    log_events,
     metric,
     policy_yaml,
     pressure_level,
@@ -49,8 +50,9 @@ def test_free_tier_shed_when_hot_pro_served_quota_counted_and_recovered(
     assert len(body["data"]) == 1 and body["usage"]["cost"] == 1
     assert header(headers, "x-ratelimit-remaining-requests") == "2"
 
-    # A typo mid-run: the watcher (1 s poll) and SIGHUP each count a failed reload, and the
-    # old policy stays whole. The broken file also lowers the free quota to 1, which would
+    # A typo mid-run: the watcher (1 s poll) counts one failed reload, and the SIGHUP that
+    # follows for the same bytes does not count a second (one edit, one failure; issue 17).
+    # The old policy stays whole. The broken file also lowers the free quota to 1, which would
     # refuse the next image if any of it had been applied.
     policy_path = daemons.policy_path()
     good_text = policy_path.read_text()
@@ -62,8 +64,10 @@ def test_free_tier_shed_when_hot_pro_served_quota_counted_and_recovered(
     wait_for(lambda: metric(daemon, RELOADS, {"result": "failure"}) == 1,
              "the file watcher to count a failed reload", timeout=10)
     daemon.signal(signal.SIGHUP)
-    wait_for(lambda: metric(daemon, RELOADS, {"result": "failure"}) == 2,
-             "SIGHUP to count a second failed reload", timeout=10)
+    wait_for(lambda: any(line.get("trigger") == "sighup"
+                         for line in log_events(daemon, "policy.reload_skipped")),
+             "SIGHUP to find the edit already rejected", timeout=10)
+    assert metric(daemon, RELOADS, {"result": "failure"}) == 1
     assert metric(daemon, RELOADS, {"result": "success"}) == 0
     assert _policy_sha(daemon) == sha_before
     status, _, body = generate(daemon, "free-a")
@@ -118,7 +122,7 @@ def test_free_tier_shed_when_hot_pro_served_quota_counted_and_recovered(
     assert rejected("daily_quota_exceeded") == 1
     assert metric(daemon, "meltguard_images_generated_total", {"tier": "free"}) == 3
     # The bad file is reported once, not on every poll since.
-    assert metric(daemon, RELOADS, {"result": "failure"}) == 2
+    assert metric(daemon, RELOADS, {"result": "failure"}) == 1
 
 
 def _policy_sha(daemon: Daemon) -> str:

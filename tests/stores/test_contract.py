@@ -172,3 +172,60 @@ async def test_limit_changes_apply_to_the_current_window(store: QuotaStore, tena
     loose = windows(tenant, day_limit=3)
     again = await store.consume(loose, 1, T0 + 2)
     assert again.allowed and again.windows[0].used == 2
+
+
+# -- named charges: retried calls count once, a refund before its consume voids it ------------
+
+
+async def test_a_repeated_consume_with_one_id_charges_once(store: QuotaStore, tenant: str) -> None:
+    day = windows(tenant, day_limit=3)
+    first = await store.consume(day, 1, T0, charge_id="c1")
+    again = await store.consume(day, 1, T0 + 1, charge_id="c1")
+    assert first.allowed and again.allowed
+    assert (await store.peek(day, T0 + 2)).windows[0].used == 1
+
+
+async def test_a_repeated_refund_with_one_id_gives_back_once(
+    store: QuotaStore, tenant: str
+) -> None:
+    day = windows(tenant, day_limit=3)
+    kept = await store.consume(day, 1, T0, charge_id="kept")
+    gone = await store.consume(day, 1, T0 + 1, charge_id="gone")
+    await store.refund(day, 1, gone.charged_at, charge_id="gone")
+    await store.refund(day, 1, gone.charged_at, charge_id="gone")
+    assert kept.allowed
+    # The second refund did not eat into the other charge.
+    assert (await store.peek(day, T0 + 2)).windows[0].used == 1
+
+
+async def test_a_refund_before_its_consume_voids_it(store: QuotaStore, tenant: str) -> None:
+    both = windows(tenant, day_limit=3, minute_limit=3)
+    await store.consume(both, 1, T0, charge_id="other")
+    await store.refund(both, 1, T0 + 1, charge_id="late")
+    # The refund found nothing to give back, and the other charge is intact.
+    assert [s.used for s in (await store.peek(both, T0 + 1)).windows] == [1, 1]
+    late = await store.consume(both, 1, T0 + 2, charge_id="late")
+    assert not late.allowed and late.exhausted is None  # not charged, and not a quota refusal
+    assert [s.used for s in (await store.peek(both, T0 + 3)).windows] == [1, 1]
+    # A refund of the voided id after all that still gives nothing back.
+    await store.refund(both, 1, T0 + 2, charge_id="late")
+    assert [s.used for s in (await store.peek(both, T0 + 3)).windows] == [1, 1]
+
+
+async def test_a_refused_consume_leaves_its_id_free(store: QuotaStore, tenant: str) -> None:
+    day = windows(tenant, day_limit=1)
+    assert (await store.consume(day, 1, T0, charge_id="a")).allowed
+    assert not (await store.consume(day, 1, T0 + 1, charge_id="b")).allowed
+    await store.refund(day, 1, T0, charge_id="a")
+    # "b" was refused, not charged: a retry of it may charge now that there is room.
+    assert (await store.consume(day, 1, T0 + 2, charge_id="b")).allowed
+    assert (await store.peek(day, T0 + 3)).windows[0].used == 1
+
+
+async def test_ids_and_plain_calls_mix(store: QuotaStore, tenant: str) -> None:
+    day = windows(tenant, day_limit=3)
+    named = await store.consume(day, 1, T0, charge_id="n")
+    plain = await store.consume(day, 1, T0 + 1)
+    await store.refund(day, 1, plain.charged_at)
+    await store.refund(day, 1, named.charged_at, charge_id="n")
+    assert (await store.peek(day, T0 + 2)).windows[0].used == 0

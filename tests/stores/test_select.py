@@ -14,6 +14,9 @@ from meltguard.daemon.stores import (
     default_store_spec,
     open_store,
 )
+from meltguard.daemon.stores.overlimit import OverLimitCache
+from meltguard.daemon.stores.refunds import RefundingStore
+from meltguard.daemon.stores.select import build_store, innermost, refunding
 
 
 async def test_each_spec_opens_its_store(tmp_path: Path) -> None:
@@ -73,3 +76,21 @@ def test_default_spec_is_sqlite_under_the_xdg_state_dir(monkeypatch: pytest.Monk
     assert default_store_path({"XDG_STATE_HOME": "state"}) == fallback
     monkeypatch.setenv("XDG_STATE_HOME", "/srv/state")
     assert default_store_spec() == "sqlite:/srv/state/meltguard/quota.sqlite3"
+
+
+async def test_the_daemon_runs_each_store_behind_the_cache_and_the_refund_queue(
+    tmp_path: Path,
+) -> None:
+    store = build_store(f"sqlite:{tmp_path}/q.sqlite3")
+    try:
+        assert isinstance(store, OverLimitCache)
+        assert isinstance(store.inner, RefundingStore)
+        assert refunding(store) is store.inner
+        assert isinstance(innermost(store), SqliteQuotaStore)
+        assert store.name == "sqlite"
+        await store.ping()  # reaches the store through both wrappers
+        assert (tmp_path / "q.sqlite3").exists()
+    finally:
+        await store.close()
+    plain = open_store("memory")
+    assert refunding(plain) is None and innermost(plain) is plain

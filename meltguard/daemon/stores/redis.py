@@ -15,26 +15,38 @@ A store call never hangs: connect and socket timeouts are tens of milliseconds, 
 has a deadline, and redis-py drops a connection that timed out or was cancelled, so the next call
 dials a fresh one. Every failure is a `QuotaStoreError`; the caller applies `on_store_error`.
 
-An over-limit cache answers repeated refusals without a round trip: once Redis says a window is
-exhausted, its usage is remembered until the window ends, and a consume that cannot fit on top
-of that usage is refused locally. Usage only grows within a window, so the cached value is a
-lower bound and the local refusal is one Redis would also give. The exception is a refund made
-by another replica, which this one does not see; it is late by at most the window's remainder,
-and only for a tenant who had already hit the limit.
+A named charge (`charge_id`) is one more key beside the windows', `<hash tag>:charge:<id>`,
+holding 1 while charged and 0 once given back or voided; it expires when the charge's last
+window ends (a minute at least), so a retried consume or refund, or a refund that overtook its
+consume, is answered from it inside the same script.
+
+Every script is loaded (`SCRIPT LOAD`) when the store first reaches the server and again after
+any connection failure (a restarted Redis has forgotten them); a call answered NOSCRIPT loads
+them all and is tried once more, which is safe because NOSCRIPT means nothing ran.
+
+Refusals are not cached here: `OverLimitCache` (overlimit.py) does that for any store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ReadOnlyError, RedisError
-from redis.retry import Retry
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meltguard.admission.quota_memory import EPSILON
 from meltguard.daemon.stores.errors import QuotaStoreError
@@ -76,7 +88,8 @@ local function clock(arg)
 end
 """
 
-# KEYS[i]: base key of window i. ARGV: cost, now ('' = Redis TIME), then limit_i, period_i.
+# KEYS[i]: base key of window i, then the charge key when ARGV[3] is '1'. ARGV: cost, now
+# ('' = Redis TIME), has charge key, then limit_i, period_i.
 # Reply: {allowed 0|1, index of the exhausted window or 0, now, used_1, reset_1, used_2, ...}.
 _CONSUME = (
     _LUA_COMMON
@@ -84,21 +97,38 @@ _CONSUME = (
 local epsilon = {EPSILON!r}
 local cost = tonumber(ARGV[1])
 local now = clock(ARGV[2])
+local named = ARGV[3] == '1'
 local n = #KEYS
+if named then
+  n = n - 1
+end
+local known = nil
+if named then
+  known = redis.call('GET', KEYS[#KEYS])
+end
 local slots, used, resets = {{}}, {{}}, {{}}
 local exhausted = 0
+local last_end = now
 for i = 1, n do
-  local limit = tonumber(ARGV[1 + 2 * i])
-  local period = tonumber(ARGV[2 + 2 * i])
+  local limit = tonumber(ARGV[2 + 2 * i])
+  local period = tonumber(ARGV[3 + 2 * i])
   local wid = floordiv(now, period)
   slots[i] = KEYS[i] .. ':' .. string.format('%.0f', wid)
   used[i] = tonumber(redis.call('GET', slots[i]) or '0')
   resets[i] = (wid + 1) * period
+  if resets[i] > last_end then
+    last_end = resets[i]
+  end
   if exhausted == 0 and used[i] + cost > limit + epsilon then
     exhausted = i
   end
 end
-if exhausted == 0 then
+local allowed = exhausted == 0
+if known then
+  -- A retried consume, or one whose refund (a void) arrived first: never charge twice.
+  allowed = known == '1'
+  exhausted = 0
+elseif allowed then
   for i = 1, n do
     used[i] = used[i] + cost
     -- Relative expiry from the script's clock: with Redis TIME it is the window's end; with a
@@ -106,8 +136,11 @@ if exhausted == 0 then
     local ttl = math.ceil((resets[i] - now) * 1000)
     redis.call('SET', slots[i], fmt(used[i]), 'PX', ttl)
   end
+  if named then
+    redis.call('SET', KEYS[#KEYS], '1', 'PX', math.max(math.ceil((last_end - now) * 1000), 60000))
+  end
 end
-local reply = {{exhausted == 0 and 1 or 0, exhausted, fmt(now)}}
+local reply = {{allowed and 1 or 0, exhausted, fmt(now)}}
 for i = 1, n do
   reply[#reply + 1] = fmt(used[i])
   reply[#reply + 1] = fmt(resets[i])
@@ -116,15 +149,36 @@ return reply
 """
 )
 
-# KEYS[i]: base key of window i. ARGV: cost, charged_at, then period_i. A window that already
-# ended (key expired) is left alone; a live one never goes below zero and keeps its expiry.
+# KEYS[i]: base key of window i, then the charge key when ARGV[4] is '1'. ARGV: cost,
+# charged_at, now ('' = Redis TIME), has charge key, then period_i. A window that already ended
+# (key expired) is left alone; a live one never goes below zero and keeps its expiry. A named
+# charge is given back once; an unknown id is voided (a tombstone until its last window ends).
 _REFUND = (
     _LUA_COMMON
     + """
 local cost = tonumber(ARGV[1])
 local at = tonumber(ARGV[2])
-for i = 1, #KEYS do
-  local period = tonumber(ARGV[2 + i])
+local named = ARGV[4] == '1'
+local n = #KEYS
+if named then
+  n = n - 1
+  local now = clock(ARGV[3])
+  local last_end = at
+  for i = 1, n do
+    local period = tonumber(ARGV[4 + i])
+    local ends = (floordiv(at, period) + 1) * period
+    if ends > last_end then
+      last_end = ends
+    end
+  end
+  local was = redis.call('GET', KEYS[#KEYS])
+  redis.call('SET', KEYS[#KEYS], '0', 'PX', math.max(math.ceil((last_end - now) * 1000), 60000))
+  if was ~= '1' then
+    return 0
+  end
+end
+for i = 1, n do
+  local period = tonumber(ARGV[4 + i])
   local slot = KEYS[i] .. ':' .. string.format('%.0f', floordiv(at, period))
   local value = redis.call('GET', slot)
   if value then
@@ -157,9 +211,17 @@ return reply
 """
 )
 
-# Past this many remembered windows the cache drops the ones that ended; it only ever holds
-# tenants who hit a limit, so this is reached only under a flood of distinct exhausted tenants.
-_CACHE_SWEEP_AT = 65_536
+
+
+class _Script:
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+_SCRIPTS = {"consume": _Script(_CONSUME), "refund": _Script(_REFUND), "peek": _Script(_PEEK)}
 
 
 class RedisQuotaStore:
@@ -180,7 +242,6 @@ class RedisQuotaStore:
         socket_timeout: float = 0.05,
         deadline: float = 0.2,
         caller_clock: bool = False,
-        over_limit_cache: bool = True,
         max_connections: int = 16,
     ) -> None:
         parts = urlsplit(url)
@@ -208,7 +269,7 @@ class RedisQuotaStore:
         self._url = redact_url(url)
         self._deadline = deadline
         self._caller_clock = caller_clock
-        self._use_cache = over_limit_cache
+        self._scripts_loaded = False
         # A bounded pool: a burst waits (within the deadline) for a warm connection instead of
         # dialling dozens of new ones, whose 50 ms connect timeout a busy loop can miss.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -226,11 +287,6 @@ class RedisQuotaStore:
             **options,
         )
         self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
-        self._consume_script = self._client.register_script(_CONSUME)
-        self._refund_script = self._client.register_script(_REFUND)
-        self._peek_script = self._client.register_script(_PEEK)
-        # window key -> (window id, used, reset_at) last reported by a refusal.
-        self._refused: dict[str, tuple[int, float, float]] = {}
 
     @property
     def name(self) -> str:
@@ -242,8 +298,28 @@ class RedisQuotaStore:
         return self._url
 
     async def ping(self) -> None:
-        """One round trip within the deadline (startup, readiness)."""
-        await self._call(self._client.ping())
+        """Reach the server and load the scripts, within the deadline (startup, readiness)."""
+        await self._call(self._ping_and_load())
+
+    async def _ping_and_load(self) -> None:
+        await self._client.ping()
+        await self._load_scripts()
+
+    async def _load_scripts(self) -> None:
+        for script in _SCRIPTS.values():
+            await self._client.script_load(script.source)
+        self._scripts_loaded = True
+
+    async def _eval(self, name: str, keys: list[str], args: list[str]) -> Any:
+        script = _SCRIPTS[name]
+        if not self._scripts_loaded:
+            await self._load_scripts()
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis restarted (or SCRIPT FLUSH) since the scripts were loaded: nothing ran.
+            await self._load_scripts()
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def consume(
         self,
@@ -253,17 +329,12 @@ class RedisQuotaStore:
         *,
         charge_id: str | None = None,
     ) -> QuotaOutcome:
-        if self._refused:
-            cached = self._cached_refusal(windows, cost, now)
-            if cached is not None:
-                return cached
-        args: list[str | float] = [repr(float(cost)), self._now_arg(now)]
+        keys = [w.key for w in windows]
+        args = [repr(float(cost)), self._now_arg(now), _named(keys, windows, charge_id)]
         for w in windows:
             args.append(repr(float(w.limit)))
             args.append(repr(float(w.period)))
-        reply = await self._call(
-            self._consume_script(keys=[w.key for w in windows], args=args)
-        )
+        reply = await self._call(self._eval("consume", keys, args))
         try:
             allowed = int(reply[0]) == 1
             exhausted_index = int(reply[1])
@@ -277,12 +348,7 @@ class RedisQuotaStore:
         except (IndexError, TypeError, ValueError) as exc:
             raise QuotaStoreError(self.name, f"unexpected reply {reply!r}") from exc
         if allowed:
-            if self._refused:
-                # Keep remembered usage exact: a smaller request may fit after a refusal.
-                self._remember(states, charged_at, now, only_known=True)
             return QuotaOutcome(True, states, charged_at=charged_at)
-        if self._use_cache:
-            self._remember(states, charged_at, now)
         exhausted = states[exhausted_index - 1] if exhausted_index else None
         return QuotaOutcome(False, states, exhausted=exhausted, charged_at=charged_at)
 
@@ -294,16 +360,17 @@ class RedisQuotaStore:
         *,
         charge_id: str | None = None,
     ) -> None:
-        for w in windows:
-            self._refused.pop(w.key, None)
-        args: list[str | float] = [repr(float(cost)), repr(float(charged_at))]
+        keys = [w.key for w in windows]
+        now_arg = repr(float(charged_at)) if self._caller_clock else ""
+        args = [repr(float(cost)), repr(float(charged_at)), now_arg,
+                _named(keys, windows, charge_id)]
         args.extend(repr(float(w.period)) for w in windows)
-        await self._call(self._refund_script(keys=[w.key for w in windows], args=args))
+        await self._call(self._eval("refund", keys, args))
 
     async def peek(self, windows: Sequence[QuotaWindow], now: float) -> QuotaOutcome:
-        args: list[str | float] = [self._now_arg(now)]
+        args = [self._now_arg(now)]
         args.extend(repr(float(w.period)) for w in windows)
-        reply = await self._call(self._peek_script(keys=[w.key for w in windows], args=args))
+        reply = await self._call(self._eval("peek", [w.key for w in windows], args))
         try:
             at = float(reply[0])
             states = tuple(
@@ -318,16 +385,11 @@ class RedisQuotaStore:
         return QuotaOutcome(exhausted is None, states, exhausted=exhausted, charged_at=at)
 
     async def close(self) -> None:
-        self._refused.clear()
         try:
             async with asyncio.timeout(self._deadline):
                 await self._client.aclose()
         except (TimeoutError, RedisError, OSError):
             pass  # closing a store whose server is gone must not fail shutdown
-
-    def forget_refusals(self) -> None:
-        """Drop the over-limit cache (after an operator reset a tenant's quota by hand)."""
-        self._refused.clear()
 
     def _now_arg(self, now: float) -> str:
         return repr(float(now)) if self._caller_clock else ""
@@ -338,16 +400,21 @@ class RedisQuotaStore:
                 return await awaitable
         except TimeoutError as exc:
             # asyncio's deadline and redis-py's socket timeout both land here.
+            self._scripts_loaded = False
             raise QuotaStoreError(
                 self.name, f"{self._url}: no answer within {self._deadline:g} s"
             ) from exc
         except RedisError as exc:
+            # The server may be a new one (restart, failover) that knows no scripts yet.
+            self._scripts_loaded = False
             if isinstance(exc, ReadOnlyError):
                 # After a failover the pooled sockets still reach the old primary, now a
                 # replica, and would get READONLY forever: dial again (and re-resolve DNS).
                 await self._drop_connections()
-            raise QuotaStoreError(self.name, f"{self._url}: {exc}") from exc
+            raise QuotaStoreError(self.name, f"{self._url}: {exc}",
+                                  maybe_applied=not _never_ran(exc)) from exc
         except OSError as exc:
+            self._scripts_loaded = False
             raise QuotaStoreError(self.name, f"{self._url}: {exc}") from exc
 
     async def _drop_connections(self) -> None:
@@ -357,54 +424,46 @@ class RedisQuotaStore:
         except (TimeoutError, RedisError, OSError):
             pass  # the next call dials anyway; this only hurries it
 
-    def _cached_refusal(
-        self, windows: Sequence[QuotaWindow], cost: float, now: float
-    ) -> QuotaOutcome | None:
-        # The cache is checked on the caller's (local wall) clock: a skew against Redis TIME
-        # only turns a would-be hit into a round trip, because window ids must match exactly.
-        states: list[WindowState] = []
-        exhausted: WindowState | None = None
-        for w in windows:
-            entry = self._refused.get(w.key)
-            if entry is None:
-                return None
-            wid, used, reset_at = entry
-            current = w.window_id(now)
-            if wid != current:
-                if wid < current:
-                    del self._refused[w.key]
-                return None
-            state = WindowState(window=w, used=used, reset_at=reset_at)
-            states.append(state)
-            # Checked against today's limit, not the one refused: when pressure eases and the
-            # quota_factor rises, the tenant gets through at once.
-            if exhausted is None and used + cost > w.limit + EPSILON:
-                exhausted = state
-        if exhausted is None:
-            return None
-        return QuotaOutcome(False, tuple(states), exhausted=exhausted, charged_at=now)
 
-    def _remember(
-        self,
-        states: tuple[WindowState, ...],
-        charged_at: float,
-        now: float,
-        *,
-        only_known: bool = False,
-    ) -> None:
-        if len(self._refused) >= _CACHE_SWEEP_AT:
-            self._refused = {k: e for k, e in self._refused.items() if e[2] > now}
-        for s in states:
-            if only_known and s.window.key not in self._refused:
-                continue
-            self._refused[s.window.key] = (s.window.window_id(charged_at), s.used, s.reset_at)
+def _never_ran(exc: RedisError) -> bool:
+    """Errors after which the command certainly did not run: the server could not be reached
+    (redis-py says "... connecting to ..."), or it refused the command (a replica, an error
+    reply such as NOSCRIPT)."""
+    if isinstance(exc, (ReadOnlyError, ResponseError)):
+        return True
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) and "connecting" in str(exc)
+
+
+def _named(keys: list[str], windows: Sequence[QuotaWindow], charge_id: str | None) -> str:
+    """Append the charge's key to `keys` when there is one; the scripts' flag for it."""
+    if charge_id is None or not windows:
+        return "0"
+    keys.append(charge_key(windows[0].key, charge_id))
+    return "1"
+
+
+def charge_key(window_key: str, charge_id: str) -> str:
+    """The charge's key, on the tenant's hash tag so a script may touch it with the windows."""
+    if window_key.startswith("{") and "}" in window_key:
+        tag = window_key[: window_key.index("}") + 1]
+    else:
+        tag = window_key
+    return f"{tag}:charge:{charge_id}"
+
+
+_SECRET_QUERY = frozenset({"password", "pass", "auth", "token"})
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password masked: URLs end up in logs and error messages."""
+    """The URL with its password masked (in the userinfo and in `?password=`): URLs end up in
+    logs, error messages and admin answers."""
     parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k.lower() in _SECRET_QUERY for k, _ in pairs):
+        query = [(k, "***" if k.lower() in _SECRET_QUERY else v) for k, v in pairs]
+        parts = parts._replace(query=urlencode(query, safe="*"))
     if parts.password is None:
-        return url
+        return parts.geturl() if pairs else url
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:" if parts.username else ":"
     return parts._replace(netloc=f"{user}***@{netloc}").geturl()

@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from meltguard.admission.quota_memory import MemoryQuotaStore
+from meltguard.daemon.stores.overlimit import OverLimitCache
 from meltguard.daemon.stores.redis import RedisQuotaStore, redact_url
+from meltguard.daemon.stores.refunds import RefundingStore
 from meltguard.daemon.stores.sqlite import SqliteQuotaStore
 from meltguard.protocols import QuotaStore
 
@@ -47,3 +49,31 @@ def open_store(spec: str) -> QuotaStore:
     if text.startswith(("redis://", "rediss://")):
         return RedisQuotaStore(text)
     raise ValueError(f"quota store must be {SPEC_HELP}, got {redact_url(text)!r}")
+
+
+def wrap_store(store: QuotaStore) -> QuotaStore:
+    """The daemon's chain: refusals cached for a second, in front of refunds that are never
+    lost, in front of the store (see overlimit.py and refunds.py)."""
+    return OverLimitCache(RefundingStore(store))
+
+
+def build_store(spec: str) -> QuotaStore:
+    """`open_store(spec)` wrapped as the daemon runs it. Raises ValueError as open_store."""
+    return wrap_store(open_store(spec))
+
+
+def innermost(store: QuotaStore) -> QuotaStore:
+    """The store at the end of a wrapper chain (the store itself when not wrapped)."""
+    while isinstance(store, (OverLimitCache, RefundingStore)):
+        store = store.inner
+    return store
+
+
+def refunding(store: QuotaStore) -> RefundingStore | None:
+    """The chain's RefundingStore, if it has one."""
+    while True:
+        if isinstance(store, RefundingStore):
+            return store
+        if not isinstance(store, OverLimitCache):
+            return None
+        store = store.inner

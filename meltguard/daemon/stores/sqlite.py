@@ -62,6 +62,25 @@ _UPSERT = (
     "ON CONFLICT (key, window_id) DO UPDATE SET used = excluded.used"
 )
 _EXPIRE = "DELETE FROM quota_usage WHERE ends <= ?"
+# One row per named charge: still charged (1) or given back / voided (0), and the end of the
+# charge's last window, after which neither its consume nor its refund can matter any more.
+_CHARGES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS quota_charges (
+    charge_id TEXT PRIMARY KEY,
+    charged INTEGER NOT NULL,
+    ends REAL NOT NULL
+) WITHOUT ROWID
+"""
+_CHARGE_SELECT = "SELECT charged FROM quota_charges WHERE charge_id = ?"
+_CHARGE_UPSERT = (
+    "INSERT INTO quota_charges (charge_id, charged, ends) VALUES (?, ?, ?) "
+    "ON CONFLICT (charge_id) DO UPDATE SET charged = excluded.charged, ends = excluded.ends"
+)
+_CHARGES_EXPIRE = "DELETE FROM quota_charges WHERE ends <= ?"
+# ping() writes here: a file that opens but cannot be written fails at startup, not on the
+# first request.
+_PROBE_SCHEMA = "CREATE TABLE IF NOT EXISTS meltguard_probe (id INTEGER PRIMARY KEY, at REAL)"
+_PROBE = "INSERT OR REPLACE INTO meltguard_probe (id, at) VALUES (1, ?)"
 
 # Garbage collection runs at most this often (seconds of the caller's clock), and only drops
 # windows that ended this long ago, so a refund racing a window's end still finds its row.
@@ -94,6 +113,10 @@ class _Op:
     cost: float
     at: float  # `now`, or `charged_at` for a refund
     future: asyncio.Future[_Result]
+    charge_id: str | None = None
+    # When the call was made (monotonic): a call never waits for the file's lock longer than
+    # busy_timeout in all, however many batches ahead of it waited too.
+    queued_at: float = 0.0
     result: _Result = None
     error: BaseException | None = None
 
@@ -124,6 +147,7 @@ class SqliteQuotaStore:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._next_gc = float("-inf")
+        self._current_wait_ms = self._busy_timeout_ms
         self._transactions = 0
 
     @property
@@ -146,8 +170,9 @@ class SqliteQuotaStore:
         return self._transactions
 
     async def ping(self) -> None:
-        """Open the file now (startup, readiness): a bad path fails here, not on a request."""
-        await self._submit(_Kind.PING, (), 0.0, 0.0)
+        """Open the file and write to it now (startup, readiness): a bad path, a read-only
+        file or directory, or a file that is not a database fails here, not on a request."""
+        await self._submit(_Kind.PING, (), 0.0, time.time())
 
     async def consume(
         self,
@@ -157,7 +182,9 @@ class SqliteQuotaStore:
         *,
         charge_id: str | None = None,
     ) -> QuotaOutcome:
-        return cast(QuotaOutcome, await self._submit(_Kind.CONSUME, windows, cost, now))
+        return cast(
+            QuotaOutcome, await self._submit(_Kind.CONSUME, windows, cost, now, charge_id)
+        )
 
     async def refund(
         self,
@@ -167,7 +194,7 @@ class SqliteQuotaStore:
         *,
         charge_id: str | None = None,
     ) -> None:
-        await self._submit(_Kind.REFUND, windows, cost, charged_at)
+        await self._submit(_Kind.REFUND, windows, cost, charged_at, charge_id)
 
     async def peek(self, windows: Sequence[QuotaWindow], now: float) -> QuotaOutcome:
         return cast(QuotaOutcome, await self._submit(_Kind.PEEK, windows, 0.0, now))
@@ -186,20 +213,22 @@ class SqliteQuotaStore:
     # -- the event loop's side ------------------------------------------------------------------
 
     def _submit(
-        self, kind: _Kind, windows: Sequence[QuotaWindow], cost: float, at: float
+        self, kind: _Kind, windows: Sequence[QuotaWindow], cost: float, at: float,
+        charge_id: str | None = None,
     ) -> asyncio.Future[_Result]:
         if self._closed:
-            raise QuotaStoreError(self.name, "store is closed")
-        return self._enqueue(kind, windows, cost, at)
+            raise QuotaStoreError(self.name, "store is closed", maybe_applied=False)
+        return self._enqueue(kind, windows, cost, at, charge_id)
 
     def _enqueue(
-        self, kind: _Kind, windows: Sequence[QuotaWindow], cost: float, at: float
+        self, kind: _Kind, windows: Sequence[QuotaWindow], cost: float, at: float,
+        charge_id: str | None = None,
     ) -> asyncio.Future[_Result]:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
         future: asyncio.Future[_Result] = loop.create_future()
-        self._pending.append(_Op(kind, windows, cost, at, future))
+        self._pending.append(_Op(kind, windows, cost, at, future, charge_id, time.monotonic()))
         if not self._flush_scheduled and not self._in_flight:
             # After the callbacks already due in this turn: the other requests that arrived
             # with this one get to queue their calls into the same batch.
@@ -299,7 +328,8 @@ class SqliteQuotaStore:
 
     def _error(self, exc: BaseException) -> QuotaStoreError:
         # One exception per call: several tasks raising one instance would share a traceback.
-        error = QuotaStoreError(self.name, f"{self._path}: {exc}")
+        # The batch's transaction was rolled back (or never began): nothing of it was applied.
+        error = QuotaStoreError(self.name, f"{self._path}: {exc}", maybe_applied=False)
         error.__cause__ = exc
         return error
 
@@ -307,24 +337,26 @@ class SqliteQuotaStore:
         if not calls:
             return
         conn = self._connection()
-        writes = any(op.kind in (_Kind.CONSUME, _Kind.REFUND) for op in calls)
-        if not writes and all(op.kind is _Kind.PING for op in calls):
-            return
+        writes = any(op.kind is not _Kind.PEEK for op in calls)
         tx = _Transaction(conn)
         gc_at: float | None = None
+        if writes:
+            self._limit_wait(conn, min(op.queued_at for op in calls))
         # Reads only: a plain BEGIN gives one snapshot without taking the write lock.
         conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
         try:
             for op in calls:
                 try:
                     if op.kind is _Kind.CONSUME:
-                        op.result = tx.consume(op.windows, op.cost, op.at)
+                        op.result = tx.consume(op.windows, op.cost, op.at, op.charge_id)
                         if op.result.allowed:
                             gc_at = op.at if gc_at is None else max(gc_at, op.at)
                     elif op.kind is _Kind.REFUND:
-                        tx.refund(op.windows, op.cost, op.at)
+                        tx.refund(op.windows, op.cost, op.at, op.charge_id)
                     elif op.kind is _Kind.PEEK:
                         op.result = tx.peek(op.windows, op.at)
+                    elif op.kind is _Kind.PING:
+                        conn.execute(_PROBE, (op.at,))
                 except (sqlite3.Error, OSError):
                     raise
                 except Exception as exc:  # a bad call (not the file) fails alone
@@ -339,6 +371,15 @@ class SqliteQuotaStore:
         if gc_at is not None:
             self._maybe_expire(conn, gc_at)
 
+    def _limit_wait(self, conn: sqlite3.Connection, oldest: float) -> None:
+        # Batches run one after another, so a call queued behind a batch that waited for the
+        # lock would wait again in its own: the documented busy_timeout is the whole wait.
+        # Past it, one try without waiting: the lock may be free by now.
+        left_ms = max(self._busy_timeout_ms - int((time.monotonic() - oldest) * 1000), 0)
+        if left_ms != self._current_wait_ms:
+            conn.execute(f"PRAGMA busy_timeout = {left_ms}")
+            self._current_wait_ms = left_ms
+
     def _connection(self) -> sqlite3.Connection:
         if self._conn is not None:
             return self._conn
@@ -351,10 +392,13 @@ class SqliteQuotaStore:
             self._enable_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute(_SCHEMA)
+            conn.execute(_CHARGES_SCHEMA)
+            conn.execute(_PROBE_SCHEMA)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
+        self._current_wait_ms = self._busy_timeout_ms
         return conn
 
     def _enable_wal(self, conn: sqlite3.Connection) -> None:
@@ -388,6 +432,7 @@ class SqliteQuotaStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(_EXPIRE, (now - GC_GRACE,))
+            conn.execute(_CHARGES_EXPIRE, (now - GC_GRACE,))
             conn.execute("COMMIT")
         except sqlite3.Error:
             # Best effort: the batch before it is committed, and a busy file only delays GC.
@@ -411,12 +456,27 @@ class _Transaction:
     would hold after the same calls.
     """
 
-    __slots__ = ("_conn", "_dirty", "_used")
+    __slots__ = ("_charges", "_conn", "_dirty", "_dirty_charges", "_used")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._used: dict[_Slot, float | None] = {}  # None: no row
         self._dirty: dict[_Slot, float] = {}  # changed rows -> `ends` should it be inserted
+        self._charges: dict[str, bool | None] = {}  # charge id -> still charged; None: no row
+        self._dirty_charges: dict[str, tuple[bool, float]] = {}
+
+    def _charge(self, charge_id: str) -> bool | None:
+        try:
+            return self._charges[charge_id]
+        except KeyError:
+            row = self._conn.execute(_CHARGE_SELECT, (charge_id,)).fetchone()
+            found = bool(row[0]) if row is not None else None
+            self._charges[charge_id] = found
+            return found
+
+    def _set_charge(self, charge_id: str, charged: bool, ends: float) -> None:
+        self._charges[charge_id] = charged
+        self._dirty_charges[charge_id] = (charged, ends)
 
     def _read(self, slot: _Slot) -> float | None:
         try:
@@ -427,12 +487,19 @@ class _Transaction:
             self._used[slot] = used
             return used
 
-    def consume(self, windows: Sequence[QuotaWindow], cost: float, now: float) -> QuotaOutcome:
+    def consume(
+        self, windows: Sequence[QuotaWindow], cost: float, now: float, charge_id: str | None
+    ) -> QuotaOutcome:
         slots = [(w.key, w.window_id(now)) for w in windows]
         states = tuple(
             WindowState(window=w, used=_zero(self._read(slot)), reset_at=w.reset_at(now))
             for w, slot in zip(windows, slots, strict=True)
         )
+        if charge_id is not None:
+            known = self._charge(charge_id)
+            if known is not None:
+                # A retried consume, or one whose refund (a void) arrived first: never twice.
+                return QuotaOutcome(known, states, charged_at=now)
         for state in states:
             if state.used + cost > state.window.limit + EPSILON:
                 return QuotaOutcome(False, states, exhausted=state, charged_at=now)
@@ -440,13 +507,23 @@ class _Transaction:
         for slot, state in zip(slots, states, strict=True):
             used[slot] = _zero(used[slot]) + cost
             self._dirty.setdefault(slot, state.reset_at)
+        if charge_id is not None:
+            self._set_charge(charge_id, True, _last_end(windows, now))
         charged = tuple(
             WindowState(window=s.window, used=_zero(used[slot]), reset_at=s.reset_at)
             for slot, s in zip(slots, states, strict=True)
         )
         return QuotaOutcome(True, charged, charged_at=now)
 
-    def refund(self, windows: Sequence[QuotaWindow], cost: float, charged_at: float) -> None:
+    def refund(
+        self, windows: Sequence[QuotaWindow], cost: float, charged_at: float,
+        charge_id: str | None,
+    ) -> None:
+        if charge_id is not None:
+            still_charged = self._charge(charge_id)
+            self._set_charge(charge_id, False, _last_end(windows, charged_at))
+            if not still_charged:
+                return  # given back before, or never charged: the id is now void
         slots = [(w.key, w.window_id(charged_at)) for w in windows]
         for slot in slots:
             self._read(slot)
@@ -477,7 +554,16 @@ class _Transaction:
                     for (key, wid), ends in self._dirty.items()
                 ],
             )
+        if self._dirty_charges:
+            self._conn.executemany(
+                _CHARGE_UPSERT,
+                [(cid, int(charged), ends) for cid, (charged, ends) in self._dirty_charges.items()],
+            )
 
 
 def _zero(used: float | None) -> float:
     return 0.0 if used is None else used
+
+
+def _last_end(windows: Sequence[QuotaWindow], at: float) -> float:
+    return max((w.reset_at(at) for w in windows), default=at)
