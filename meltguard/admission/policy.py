@@ -109,6 +109,8 @@ class Tier(_Strict):
     quotas: tuple[Quota, ...] = ()
     max_concurrent: Annotated[int, Field(gt=0)] = 1
     max_queue_wait: Duration = 30.0
+    # Share of the admitted GPU work reserved for this tier while it asks for at least that.
+    min_share: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
 class ApiKey(_Strict):
@@ -160,11 +162,20 @@ class PressureLevel(_Strict):
     min_dwell: Duration = 0.0
 
 
+class Hold(_Strict):
+    """Where admission holds a card: the busy share is paced so that the card's predicted
+    settling temperature sits at this line (the lower one when both are set)."""
+
+    below_slowdown_c: Annotated[float, Field(gt=0.0)] | None = None
+    temperature_c: Annotated[float, Field(gt=0.0)] | None = None
+
+
 class Pressure(_Strict):
     sample_interval: PositiveDuration = 0.5
     stale_after: PositiveDuration = 5.0
     on_stale: LevelName = "high"
     lookahead: Duration | None = None
+    hold: Hold | None = None
     levels: dict[str, PressureLevel] = {}
 
 
@@ -370,6 +381,19 @@ def semantic_issues(policy: Policy) -> list[PolicyIssue]:
     if policy.pressure.stale_after <= policy.pressure.sample_interval:
         issues.append(PolicyIssue(("pressure", "stale_after"),
             "stale_after must be longer than sample_interval, or every sample would be stale"))
+
+    reserved = sum(tier.min_share for tier in policy.tiers.values())
+    if reserved >= 1.0:
+        for name, tier in policy.tiers.items():
+            if tier.min_share:
+                issues.append(PolicyIssue(("tiers", name, "min_share"),
+                    f"the tiers' min_share add up to {reserved:g}; they must leave room "
+                    "below 1 for priority to order"))
+                break
+    hold = policy.pressure.hold
+    if hold is not None and hold.below_slowdown_c is None and hold.temperature_c is None:
+        issues.append(PolicyIssue(("pressure", "hold"),
+            "hold needs below_slowdown_c or temperature_c"))
 
     if policy.concurrency.min_limit > policy.concurrency.limit:
         issues.append(PolicyIssue(("concurrency", "min_limit"),

@@ -22,18 +22,24 @@ from meltguard.admission.policy import (
     Pressure,
     PressureLevel,
 )
+from meltguard.admission.thermal import ThermalState
 from meltguard.values import GpuSample
 
-# Windows are counted in sample intervals so a time-compressed simulation (a shorter
-# sample_interval) sees the same trend a real card does. At the default 500 ms: thirty
-# seconds of history spans a load step's first climb (more would let an old plateau dilute
-# a fresh rise; fewer points make the least-squares slope ride on noise).
-HISTORY_SAMPLES = 60
-HISTORY_POINTS = 64
-# NVML reports whole degrees: one 1 °C step over a second or two reads as a steep trend.
-# Asking for a few points over ten intervals keeps that quantisation from entering a level.
-MIN_TREND_POINTS = 3
-MIN_TREND_SAMPLES = 10
+# Where pressure.hold sets the card's load: the settling temperature it aims at moves this
+# many °C per °C that the card reads away from the hold line, so a cool card is let heat
+# quickly and one past the line is turned back.
+HOLD_GAIN = 1.0
+# Integral action: a fit that is biased (early on it has seen little but full load) would
+# hold the card off the line by bias/(1+HOLD_GAIN). While the governor is pacing (or the card
+# is past the line) each sample moves the aim by HOLD_INTEGRAL x the error, up to
+# HOLD_BIAS_MAX_C either way; while it is not (a card heating up from cold, which no aim
+# would slow down) a negative aim only unwinds, so it cannot wind up.
+HOLD_INTEGRAL = 0.1
+HOLD_RAISE_C = 0.5
+HOLD_BIAS_MAX_C = 8.0
+# The smallest busy fraction the governor asks for: a card is never paced to a standstill
+# (the levels and their actions take over when even this is too much).
+MIN_DUTY = 0.05
 # What cooling_eta says when nothing predicts the way down (not cooling, memory, throttle,
 # stale telemetry): long enough that retries do not hammer a hot card, well inside the
 # 60 s the OpenAI SDK still honours.
@@ -43,7 +49,7 @@ TELEMETRY_STALE = "telemetry_stale"
 TELEMETRY_MISSING = "telemetry_missing"
 GPU_LOST = "gpu_lost"
 MIN_DWELL = "min_dwell"
-# Signals cooling_eta can predict from the temperature trend; any other one holding a level
+# Signals cooling_eta can predict from the fitted thermal model; any other one holding a level
 # (memory, utilization, power, throttle, lost, stale, a lookahead that still sees the card
 # rising) gets the conservative default.
 _THERMAL = frozenset({"temperature_c", "below_slowdown_c", MIN_DWELL})
@@ -69,9 +75,15 @@ class GpuPressure:
     stale: bool = False
     temperature_c: float | None = None
     slowdown_c: float | None = None
-    trend_c_per_s: float | None = None
-    history: tuple[tuple[float, float], ...] = ()  # (taken_at, temperature_c), oldest first
+    thermal: ThermalState | None = None  # the card's fitted model (admission/thermal.py)
     dwell_until: tuple[float, ...] = _NO_DWELL
+    hold_bias_c: float = 0.0  # the hold governor's integral term (see _duty_budget)
+    duty_budget: float | None = None  # this card's share of PressureState.duty_budget
+
+    @property
+    def settle_c(self) -> float | None:
+        """Where the model says this card settles at its present load (None: no fit yet)."""
+        return self.thermal.settle_c() if self.thermal is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,9 @@ class PressureState:
     entered_at: float
     stale: bool
     reasons: tuple[str, ...] = ()
+    # The share of time the GPU may be kept busy so that its predicted settling temperature
+    # sits at `pressure.hold`; None: no limit (no hold configured, no fit yet, or a cool card).
+    duty_budget: float | None = None
 
     def gpu(self, index: int) -> GpuPressure | None:
         return next((g for g in self.gpus if g.index == index), None)
@@ -100,7 +115,15 @@ class _Reading:
     throttle: frozenset[str] = frozenset()
     lost: bool = False
     stale: str | None = None  # TELEMETRY_STALE or TELEMETRY_MISSING
-    predicted_c: float | None = None  # temperature + rising trend x lookahead
+    thermal: ThermalState | None = None
+    lookahead: float | None = None
+
+    def crosses(self, line_c: float) -> bool:
+        """Whether the model sees the card rise to `line_c` within the lookahead."""
+        if self.thermal is None or not self.lookahead:
+            return False
+        eta = self.thermal.crossing_in_s(line_c)
+        return eta is not None and eta <= self.lookahead
 
     def rising(self, signal: str) -> float | None:
         values = {
@@ -142,9 +165,51 @@ def assess(
     entered_at = (
         previous.entered_at if previous is not None and previous.level == level else now
     )
+    budgets = [g.duty_budget for g in gpus if g.duty_budget is not None]
     return PressureState(
-        gpus=tuple(gpus), level=level, entered_at=entered_at, stale=stale, reasons=reasons
+        gpus=tuple(gpus), level=level, entered_at=entered_at, stale=stale, reasons=reasons,
+        duty_budget=min(budgets) if budgets and not stale else None,
     )
+
+
+def hold_line(pressure: Pressure, slowdown_c: float | None) -> float | None:
+    """The temperature `pressure.hold` keeps a card's settling point under, for its slowdown
+    temperature; None when the policy holds nothing or the line needs an unknown slowdown."""
+    hold = pressure.hold
+    if hold is None:
+        return None
+    lines = []
+    if hold.temperature_c is not None:
+        lines.append(hold.temperature_c)
+    if hold.below_slowdown_c is not None and slowdown_c is not None:
+        lines.append(slowdown_c - hold.below_slowdown_c)
+    return min(lines) if lines else None
+
+
+def _duty_budget(
+    thermal: ThermalState | None, temperature_c: float | None, slowdown_c: float | None,
+    bias_c: float, pressure: Pressure,
+) -> float | None:
+    """The busy fraction whose predicted settling temperature is the hold line, bent toward
+    the line by how far the card reads from it (HOLD_GAIN) and by the integral term:
+    feed-forward from the model, feedback from the sensor, so a fit that is a few degrees
+    off still converges on the line."""
+    line = hold_line(pressure, slowdown_c)
+    if line is None or thermal is None or temperature_c is None:
+        return None
+    fit = thermal.trusted
+    mapping = thermal.utilization_to_load()
+    if fit is None or mapping is None:
+        return None
+    goal = line + HOLD_GAIN * (line - temperature_c) + bias_c
+    load = fit.load_for_settle(goal)
+    if load is None:
+        return None
+    offset, slope = mapping
+    duty = (load - offset) / slope
+    if duty >= 1.0:
+        return None
+    return max(duty, MIN_DUTY)
 
 
 def cooling_eta(state: PressureState, policy: Policy, now: float) -> float:
@@ -186,7 +251,7 @@ def _step(
     on_stale: Level,
     now: float,
 ) -> GpuPressure:
-    reading, history, trend = _read(prior, sample, pressure, now)
+    reading, thermal = _read(prior, sample, pressure, now)
     entering = {
         level: _entering(level, policy.level_config(level), reading, on_stale)
         for level in _LEVELS
@@ -223,6 +288,10 @@ def _step(
             until[landing] = now + _dwell(policy, landing)
         level, entered_at = landing, now
 
+    bias = _hold_bias(prior, reading, pressure, sample is not None)
+    slowdown = reading.slowdown_c if reading.slowdown_c is not None else prior.slowdown_c
+    duty = None if reading.stale is not None else _duty_budget(
+        thermal, reading.temperature_c, slowdown, bias, pressure)
     return GpuPressure(
         index=prior.index,
         level=level,
@@ -230,63 +299,56 @@ def _step(
         signals=_holding(level, entering, policy, reading, on_stale),
         stale=reading.stale is not None,
         temperature_c=reading.temperature_c,
-        slowdown_c=reading.slowdown_c,
-        trend_c_per_s=trend,
-        history=history,
+        slowdown_c=slowdown,
+        thermal=thermal,
         dwell_until=tuple(until),
+        hold_bias_c=bias,
+        duty_budget=duty,
     )
+
+
+def _hold_bias(prior: GpuPressure, reading: _Reading, pressure: Pressure, fresh: bool) -> float:
+    """The hold governor's integral term after this sample (see HOLD_INTEGRAL)."""
+    slowdown = reading.slowdown_c if reading.slowdown_c is not None else prior.slowdown_c
+    line = hold_line(pressure, slowdown)
+    temperature = reading.temperature_c
+    if line is None or temperature is None or not fresh or reading.stale is not None:
+        return prior.hold_bias_c
+    error = line - temperature
+    # Raising the aim is slow (a card still coming up to the line would wind it up and then
+    # overshoot); lowering it is not (a card past the line is the emergency).
+    bias = prior.hold_bias_c + HOLD_INTEGRAL * min(error, HOLD_RAISE_C)
+    if prior.duty_budget is None and error > 0.0:
+        bias = min(bias, max(prior.hold_bias_c, 0.0))
+    return min(max(bias, -HOLD_BIAS_MAX_C), HOLD_BIAS_MAX_C)
 
 
 def _read(
     prior: GpuPressure, sample: GpuSample | None, pressure: Pressure, now: float
-) -> tuple[_Reading, tuple[tuple[float, float], ...], float | None]:
+) -> tuple[_Reading, ThermalState | None]:
     if sample is None:
-        return _Reading(stale=TELEMETRY_MISSING), prior.history, None
+        return _Reading(stale=TELEMETRY_MISSING), prior.thermal
     if sample.taken_at < now - pressure.stale_after:
         # Old numbers are not evidence either way: the card may have cooled or caught fire.
-        return _Reading(stale=TELEMETRY_STALE), prior.history, None
+        return _Reading(stale=TELEMETRY_STALE), prior.thermal
 
-    history = prior.history
-    temperature = sample.temperature_c
-    if temperature is not None and (not history or sample.taken_at > history[-1][0]):
-        horizon = sample.taken_at - HISTORY_SAMPLES * pressure.sample_interval
-        kept = [point for point in history if point[0] >= horizon]
-        kept.append((sample.taken_at, temperature))
-        history = tuple(kept[-HISTORY_POINTS:])
-    trend = _slope(history, MIN_TREND_SAMPLES * pressure.sample_interval)
-
-    predicted = None
-    if (
-        pressure.lookahead
-        and temperature is not None
-        and trend is not None
-        and trend > 0  # only a rising card is entered early; cooling is left by exit rules
-    ):
-        predicted = temperature + trend * pressure.lookahead
+    thermal = prior.thermal
+    if sample.temperature_c is not None:
+        if thermal is None:
+            thermal = ThermalState.start(pressure.sample_interval, sample)
+        thermal = thermal.observe(sample)
     reading = _Reading(
-        temperature_c=temperature,
+        temperature_c=sample.temperature_c,
         slowdown_c=sample.slowdown_c,
         memory_ratio=sample.memory_ratio,
         utilization=sample.utilization,
         power_ratio=sample.power_ratio,
         throttle=sample.throttle,
         lost=sample.lost,
-        predicted_c=predicted,
+        thermal=thermal,
+        lookahead=pressure.lookahead,
     )
-    return reading, history, trend
-
-
-def _slope(history: tuple[tuple[float, float], ...], min_span: float) -> float | None:
-    """Least-squares °C per second, or None while the history is too short to trust."""
-    if len(history) < MIN_TREND_POINTS or history[-1][0] - history[0][0] < min_span:
-        return None
-    n = len(history)
-    mean_t = sum(t for t, _ in history) / n
-    mean_c = sum(c for _, c in history) / n
-    spread = sum((t - mean_t) ** 2 for t, _ in history)
-    if spread <= 0.0:
-        return None
-    return sum((t - mean_t) * (c - mean_c) for t, c in history) / spread
+    return reading, thermal
 
 
 def _dwell(policy: Policy, level: Level) -> float:
@@ -332,13 +394,14 @@ def _entering(
     if active:
         held.append("throttle:" + ",".join(active))
 
-    if r.predicted_c is not None and r.temperature_c is not None:
+    if r.temperature_c is not None and r.lookahead:
+        # lookahead: the fitted curve (not a straight line) crosses the line in time.
         absolute = enter.temperature_c
-        if absolute is not None and r.temperature_c < absolute <= r.predicted_c:
+        if absolute is not None and r.temperature_c < absolute and r.crosses(absolute):
             held.append(f"lookahead:temperature_c>={absolute:g}")
         if headroom is not None and r.slowdown_c is not None:
             line = r.slowdown_c - headroom
-            if r.temperature_c < line <= r.predicted_c:
+            if r.temperature_c < line and r.crosses(line):
                 held.append(f"lookahead:below_slowdown_c<={headroom:g}")
     return held
 
@@ -420,7 +483,9 @@ def _gpu_eta(gpu: GpuPressure, level: Level, config: PressureLevel | None, now: 
 
 
 def _thermal_eta(gpu: GpuPressure, config: PressureLevel | None) -> float:
-    """Seconds for the temperature to reach the level's exit line at the current trend."""
+    """Seconds for the temperature to fall to the level's exit line along the fitted curve:
+    at the present load, or the lightest load seen lately when the present one would never
+    get there (shedding is what brings the load down)."""
     if config is None or gpu.temperature_c is None:
         return 0.0
     lines: list[float] = []
@@ -436,7 +501,5 @@ def _thermal_eta(gpu: GpuPressure, config: PressureLevel | None) -> float:
         lines.append(gpu.slowdown_c - headroom)
     if not lines or gpu.temperature_c <= min(lines):
         return 0.0
-    trend = gpu.trend_c_per_s
-    if trend is None or trend >= 0.0:
-        return NOT_COOLING_ETA_S
-    return (gpu.temperature_c - min(lines)) / -trend
+    eta = gpu.thermal.cooling_s(min(lines)) if gpu.thermal is not None else None
+    return NOT_COOLING_ETA_S if eta is None else eta

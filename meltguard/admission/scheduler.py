@@ -9,10 +9,28 @@ halving reacts to it at once while the slow climb probes back without oscillatin
 Caps. A tier may hold max(1, floor(limit x concurrency_factor)) slots at the current pressure
 level; a tenant may hold its tier's `max_concurrent`.
 
-Order. Among waiters that could start now (within the global, tier and tenant caps), the
-highest-priority tier goes first; within a tier, tenants take turns (round robin), and each
-tenant's own requests run in arrival order. A waiter blocked only by its own tier or tenant
-cap does not hold back lower tiers: the slot would sit idle otherwise (work conserving).
+Pace. With a duty budget (`set_duty_budget`, from the pressure assessment's thermal model:
+the busy share at which the card's predicted settling temperature sits on the policy's hold
+line), grants are also paced like a token bucket of GPU-seconds: each grant spends its cost x
+the engine's measured seconds per cost (timed between completions, not per request, whose
+latency includes waiting behind the other slot), the bucket refills at the budget, and at
+most half a reference image is banked. This is what holds a card at its edge rather than
+under it: the level thresholds react after the fact, pacing keeps the heat put in equal to
+what the card sheds at the line.
+
+Reservations. A tier with `min_share` reserves that share of the admitted GPU work (Kubernetes
+APF's assured shares, LiteLLM's priority_reservation): every grant adds the tier's share of
+its cost to what the tier is owed, every grant to the tier takes its cost off, and a tier
+that is owed more than nothing goes before priority order. So while it asks it is never
+behind by more than a request, and at most one request ahead. What it is owed (or owes)
+stops at RESERVE_CAP_COST either way: what it did not ask for is borrowed by the others and
+never paid back in a burst, and what it took while nobody else asked is not held against it.
+
+Order. Among waiters that could start now (within the global, tier and tenant caps), a tier
+owed its reservation goes first, then the highest-priority tier; within a tier, tenants take
+turns (round robin), and each tenant's own requests run in arrival order. A waiter blocked
+only by its own tier or tenant cap does not hold back lower tiers: the slot would sit idle
+otherwise (work conserving).
 
 Time. Deadlines come from the injected Clock, which is authoritative: a loop timer
 (`call_later`, real time) only wakes the scheduler up, and a waiter times out only once
@@ -40,6 +58,13 @@ from meltguard.protocols import Clock
 
 # Weight of the newest sample in the service-time average: about the last five jobs count.
 EWMA_ALPHA = 0.2
+# Most GPU time the pacing bucket banks, in reference images: half a job, so that a card
+# coming up to its hold line is not handed a whole job's heat beyond its budget.
+PACE_BURST_COST = 0.5
+_PACE_SLACK = 1e-6
+# Most a reserved tier is owed while it asks for nothing, and most it owes back for being served
+# ahead, in reference images: one request.
+RESERVE_CAP_COST = 1.0
 
 
 class Cancellable(Protocol):
@@ -71,6 +96,7 @@ class TierRule:
     priority: int
     concurrency_factor: float
     tenant_cap: int
+    min_share: float = 0.0
 
 
 _QUEUED, _GRANTED, _EXPIRED, _GONE = range(4)
@@ -153,6 +179,18 @@ class Scheduler:
         # every admission reads them.
         self._slots = 1
         self._tier_caps: dict[str, int] = {}
+        # Pacing (see the module docstring): busy-seconds per second, None when unpaced.
+        self._duty: float | None = None
+        # Engine time per cost, measured between completions (see record_success): what a
+        # grant spends of the pacing bucket. A job's latency is no measure of it, since with
+        # two slots it includes waiting behind the other job.
+        self._busy_ewma: float | None = None
+        self._last_done: float | None = None
+        self._tokens = 0.0
+        self._tokens_at = clock.monotonic()
+        self._pace_timer: Cancellable | None = None
+        # Reservations: cost each min_share tier is owed (positive) while it has waiters.
+        self._owed: dict[str, float] = {}
         self._recompute_rules()
 
     # -- configuration ---------------------------------------------------------------------
@@ -176,11 +214,73 @@ class Scheduler:
         self._recompute_rules()
         self._dispatch()
 
+    def set_duty_budget(self, duty: float | None) -> None:
+        """The share of time the GPU may be busy (None: no pacing); see "Pace" above."""
+        now = self._clock.monotonic()
+        self._refill(now)
+        if duty is not None and not math.isfinite(duty):
+            duty = None
+        if duty is None and self._duty is not None:
+            self._tokens = 0.0
+        self._duty = None if duty is None else max(duty, 1e-6)
+        self._dispatch()
+
+    @property
+    def duty_budget(self) -> float | None:
+        return self._duty
+
+    def _refill(self, now: float) -> None:
+        if self._duty is not None and self._busy_ewma is not None:
+            cap = PACE_BURST_COST * self._busy_ewma
+            self._tokens = min(cap, self._tokens + self._duty * max(now - self._tokens_at, 0.0))
+        self._tokens_at = now
+
+    def _paced_out(self) -> bool:
+        """Whether pacing holds the next grant back now."""
+        if self._duty is None or self._busy_ewma is None:
+            return False
+        self._refill(self._clock.monotonic())
+        # A hair of tolerance: a timer armed for exactly the refill time must find it done,
+        # whatever float rounding made of the sum.
+        return self._tokens < -_PACE_SLACK
+
+    def _arm_pace_timer(self) -> None:
+        if self._pace_timer is not None or self._duty is None:
+            return
+        delay = max(-self._tokens / self._duty, _PACE_SLACK)
+        try:
+            call_later = self._call_later or asyncio.get_running_loop().call_later
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the next call into the scheduler retries
+        self._pace_timer = call_later(max(delay, 0.0), self._on_pace_timer)
+
+    def _on_pace_timer(self) -> None:
+        self._pace_timer = None
+        self.expire_due()
+        self._dispatch()
+
+    def _spend(self, tier: str, cost: float) -> None:
+        """Book a grant: the pacing bucket and every reservation."""
+        if self._duty is not None and self._busy_ewma is not None:
+            self._tokens -= cost * self._busy_ewma
+        for name, rule in self._rules.items():
+            if rule.min_share > 0.0:
+                self._owed[name] = min(self._owed.get(name, 0.0) + rule.min_share * cost,
+                                       RESERVE_CAP_COST)
+        if tier in self._owed:
+            # Served beyond its share while nobody else asked is borrowing, not an advance.
+            self._owed[tier] = max(self._owed[tier] - cost, -RESERVE_CAP_COST)
+
+    def owed(self, tier: str) -> float:
+        """Cost the tier's reservation is owed now (<= 0: it has had its share)."""
+        return self._owed.get(tier, 0.0)
+
     def _recompute_rules(self) -> None:
         rules: dict[str, TierRule] = {}
         for name in self._policy.tiers:
             eff = self._policy.effective(name, self._level)
-            rules[name] = TierRule(eff.priority, eff.concurrency_factor, eff.max_concurrent)
+            rules[name] = TierRule(eff.priority, eff.concurrency_factor, eff.max_concurrent,
+                                   self._policy.tiers[name].min_share)
         # A tier dropped by a reload keeps its last rule while it still has work here.
         for name, rule in self._rules.items():
             if name not in rules and (self._depth.get(name) or self._tier_inflight.get(name)):
@@ -275,13 +375,32 @@ class Scheduler:
             )
         limit = self._slots
         overflow = max(0, self._inflight - limit + 1)
-        return (ahead + overflow) * self._ewma * cost / limit
+        wait = (ahead + overflow) * self._ewma * cost / limit
+        busy = self._busy_ewma
+        if self._duty is not None and busy is not None:
+            # Paced: the work ahead drains at the budget, less what the bucket has banked.
+            self._refill(self._clock.monotonic())
+            wait = max(wait, (ahead * busy * cost - self._tokens) / self._duty)
+        rule = self._rules.get(tier)
+        if rule is not None and rule.min_share > 0.0:
+            # A reserved tier waits for its own queue and for what it got ahead to be earned
+            # back, both at its share of the rate; then for a slot.
+            paced = self._duty is not None and busy is not None
+            rate = (self._duty if paced and self._duty else float(limit)) * rule.min_share
+            per_cost = busy if paced and busy is not None else self._ewma
+            behind = self._depth.get(tier, 0) * cost + max(-self.owed(tier), 0.0)
+            reserved = behind * per_cost / rate + overflow * self._ewma * cost / limit
+            wait = min(wait, reserved)
+        return wait
 
     def drain_estimate(self) -> float:
         """Seconds until everything queued now has started (0 before any measurement)."""
         if self._ewma is None:
             return 0.0
-        return max(self._queued_cost, 0.0) * self._ewma / self.limit
+        work = max(self._queued_cost, 0.0) * self._ewma
+        if self._duty is not None and self._busy_ewma is not None:
+            return max(work / self.limit, self._queued_cost * self._busy_ewma / self._duty)
+        return work / self.limit
 
     # -- feedback ----------------------------------------------------------------------------
 
@@ -290,6 +409,19 @@ class Scheduler:
             sample = seconds / cost
             self._ewma = sample if self._ewma is None else (
                 self._ewma + EWMA_ALPHA * (sample - self._ewma)
+            )
+            # The engine's own time for this job: from when it could start (its grant, or the
+            # previous completion if that came later) to now. Exact for a serial engine; for a
+            # batching one it is the time per job of its throughput, which is what pacing
+            # spends.
+            now = self._clock.monotonic()
+            began = now - seconds
+            if self._last_done is not None:
+                began = max(began, self._last_done)
+            self._last_done = now
+            busy = max(now - began, 0.0) / cost
+            self._busy_ewma = busy if self._busy_ewma is None else (
+                self._busy_ewma + EWMA_ALPHA * (busy - self._busy_ewma)
             )
         ceiling = float(self._policy.concurrency.limit)
         if self._limit < ceiling:
@@ -310,7 +442,7 @@ class Scheduler:
         if self._queued:
             return None
         rule = self._rules.get(tier)
-        if rule is None or self._inflight >= self._slots:
+        if rule is None or self._inflight >= self._slots or self._paced_out():
             return None
         in_tier = self._tier_inflight.get(tier, 0)
         in_tenant = self._tenant_inflight.get(tenant, 0)
@@ -319,6 +451,7 @@ class Scheduler:
         self._inflight += 1
         self._tier_inflight[tier] = in_tier + 1
         self._tenant_inflight[tenant] = in_tenant + 1
+        self._spend(tier, cost)
         return Slot(self, tier, tenant, cost, 0.0)
 
     async def acquire(
@@ -435,13 +568,19 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         while self._queued and self._inflight < self._slots:
+            if self._paced_out():
+                self._arm_pace_timer()
+                return
             waiter = self._next_eligible()
             if waiter is None:
                 return
             self._grant(waiter)
 
     def _next_eligible(self) -> _Waiter | None:
-        for tier in self._order:
+        owed = sorted((name for name, debt in self._owed.items()
+                       if debt > 0.0 and self._depth.get(name)),
+                      key=lambda name: -self._owed[name])
+        for tier in (*owed, *self._order):
             tenants = self._queues.get(tier)
             if not tenants or self._tier_inflight.get(tier, 0) >= self._tier_caps[tier]:
                 continue
@@ -463,6 +602,7 @@ class Scheduler:
 
     def _grant(self, waiter: _Waiter) -> None:
         self._unqueue(waiter)
+        self._spend(waiter.tier, waiter.cost)
         waiter.state = _GRANTED
         self._inflight += 1
         self._tier_inflight[waiter.tier] = self._tier_inflight.get(waiter.tier, 0) + 1

@@ -54,8 +54,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, help="policy YAML to try (model seconds)")
     parser.add_argument("--trace", default=None,
-                        help="recorded telemetry (nvidia-smi CSV or JSONL) instead of the "
-                             "thermal model; replayed in a loop")
+                        help="recorded telemetry in any format --telemetry replay: reads "
+                             "(FILE or FILE?columns=...) instead of the thermal model; "
+                             "replayed in a loop")
     parser.add_argument("--requests", default=None,
                         help="request log (JSONL: t, tier, tenant, size, steps, n) instead of "
                              "the synthetic tiers")

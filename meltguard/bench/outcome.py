@@ -57,6 +57,18 @@ class TelemetryPoint:
 
 
 @dataclass(frozen=True, slots=True)
+class Transition:
+    """The controller's overall pressure level changed (what `meltguard simulate` reports)."""
+
+    t: float  # model seconds from the start of the run
+    level: str
+    reasons: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"t": round(self.t, 3), "level": self.level, "reasons": list(self.reasons)}
+
+
+@dataclass(frozen=True, slots=True)
 class TierSummary:
     tier: str
     offered: int
@@ -89,10 +101,13 @@ class PointResult:
     peak_c: float | None
     above_slowdown_s: float
     throttled_s: float
-    slowdown_c: float
+    slowdown_c: float | None  # None: a recorded card that says nothing of it
     telemetry: tuple[TelemetryPoint, ...] = field(default=(), repr=False)
     # (bin start, answered with images per second, refused per second), by arrival time
     admissions: tuple[tuple[float, float, float], ...] = field(default=(), repr=False)
+    # Level changes, where the run recorded them (the offline simulator does; the live
+    # benchmark samples only the level); None: not recorded.
+    transitions: tuple[Transition, ...] | None = field(default=None, repr=False)
 
     @property
     def goodput_ips(self) -> float:
@@ -110,6 +125,13 @@ class PointResult:
 
     def tier(self, name: str) -> TierSummary | None:
         return next((t for t in self.tiers if t.tier == name), None)
+
+    def image_share(self, name: str) -> float:
+        """The tier's share of the good answers (one image each in the benchmark): what a
+        min_share reserves is judged by."""
+        total = sum(t.succeeded for t in self.tiers)
+        tier = self.tier(name)
+        return tier.succeeded / total if tier is not None and total else 0.0
 
     def to_json(self, *, series: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -135,6 +157,7 @@ class PointResult:
                     "offered": t.offered,
                     "succeeded": t.succeeded,
                     "success_rate": round(t.success_rate, 4),
+                    "image_share": round(self.image_share(t.tier), 4),
                     "degraded": t.degraded,
                     "late": t.late,
                     "refused": dict(t.refused),
@@ -145,6 +168,8 @@ class PointResult:
                 for t in self.tiers
             },
         }
+        if self.transitions is not None:
+            out["transitions"] = [t.to_json() for t in self.transitions]
         if series:
             out["telemetry"] = [
                 [round(p.t, 2), round(p.temperature_c, 2), int(p.throttled), p.level,
@@ -186,7 +211,13 @@ def summarize(
     requests: Iterable[RequestRecord],
     telemetry: Sequence[TelemetryPoint],
     bin_s: float = 10.0,
+    slowdown_c: float | None = None,
+    use_model_slowdown: bool = True,
+    transitions: Sequence[Transition] | None = None,
 ) -> PointResult:
+    """Figures of one point. The slowdown temperature is the simulated card's unless the
+    caller gives one (`slowdown_c`) or says the card is not the model (`use_model_slowdown`
+    False: a replayed trace), when None means it is not known."""
     start, end = scenario.warmup_s, scenario.end_s
     records = list(requests)
     window = [r for r in records if start <= r.t < end]
@@ -198,7 +229,10 @@ def summarize(
     good = sum(r.images for r in window if _good(r, scenario))
     work = sum(r.work for r in window if _good(r, scenario))
     refused = Counter(r.code for r in window if r.code not in (OK, UNANSWERED))
-    slowdown = scenario.gpu.slowdown_c
+    slowdown = slowdown_c
+    if slowdown is None and use_model_slowdown:
+        slowdown = scenario.gpu.slowdown_c
+    line = slowdown
     return PointResult(
         strategy=strategy,
         load=load,
@@ -212,11 +246,13 @@ def summarize(
         tiers=summaries,
         refused=dict(sorted(refused.items())),
         peak_c=max((p.temperature_c for p in telemetry), default=None),
-        above_slowdown_s=_time_where(telemetry, lambda p: p.temperature_c >= slowdown),
+        above_slowdown_s=(0.0 if line is None else
+                          _time_where(telemetry, lambda p: p.temperature_c >= line)),
         throttled_s=_time_where(telemetry, lambda p: p.throttled),
         slowdown_c=slowdown,
         telemetry=tuple(telemetry),
         admissions=_admissions(records, scenario, bin_s),
+        transitions=None if transitions is None else tuple(transitions),
     )
 
 

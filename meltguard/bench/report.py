@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,9 @@ from meltguard.bench.outcome import PointResult, TelemetryPoint
 from meltguard.bench.scenario import Capacity
 
 TARGET_LOADS = (5.0, 10.0)
-GOODPUT_TARGET = 0.9
+# The headline (issue 15): full-quality work, each image weighted by the steps x pixels it
+# got, at least this share of the sustainable capacity.
+WORK_TARGET = 0.95
 PRO_SUCCESS_TARGET = 0.99
 STRATEGY_COLORS = {
     "meltguard": "#1b7837",
@@ -54,13 +57,13 @@ def evaluate(results: Sequence[PointResult], policy: Policy, cap: Capacity) -> l
         if point.strategy != "meltguard" or point.load not in TARGET_LOADS:
             continue
         subject = f"meltguard @ {point.load:g}x"
-        verdicts.append(Verdict(subject, f"goodput >= {GOODPUT_TARGET} x capacity",
-                                point.goodput_ratio >= GOODPUT_TARGET,
-                                f"{point.goodput_ratio:.3f}; full-quality work "
-                                f"{point.work_ratio:.3f}"))
-        cool = (point.peak_c is not None and point.peak_c < point.slowdown_c
+        verdicts.append(Verdict(subject, f"full-quality work >= {WORK_TARGET} x capacity",
+                                point.work_ratio >= WORK_TARGET,
+                                f"{point.work_ratio:.3f}; images {point.goodput_ratio:.3f}"))
+        slowdown = point.slowdown_c if point.slowdown_c is not None else cap.slowdown_c
+        cool = (point.peak_c is not None and point.peak_c < slowdown
                 and point.throttled_s == 0)
-        verdicts.append(Verdict(subject, f"peak < {point.slowdown_c:g} °C, 0 s throttled", cool,
+        verdicts.append(Verdict(subject, f"peak < {slowdown:g} °C, 0 s throttled", cool,
                                 f"peak {point.peak_c or 0:.2f} °C, "
                                 f"{point.throttled_s:.1f} s throttled"))
         pro = point.tier("pro")
@@ -101,7 +104,7 @@ def _failure_modes(results: Sequence[PointResult]) -> list[Verdict]:
         wasted = sum(bucket_low.refused.values())
         out.append(Verdict(
             "token-bucket", f"wastes capacity at {low:g}x or overheats at {high:g}x",
-            (wasted > 0 and (bucket_low.peak_c or 0) < bucket_low.slowdown_c)
+            (wasted > 0 and (bucket_low.peak_c or 0) < (bucket_low.slowdown_c or math.inf))
             or bucket_high.throttled_s > 0,
             f"{wasted} refused at {low:g}x with peak {bucket_low.peak_c or 0:.1f} °C; "
             f"{bucket_high.throttled_s:.0f} s throttled at {high:g}x", kind="failure mode"))
@@ -124,18 +127,19 @@ def _failure_modes(results: Sequence[PointResult]) -> list[Verdict]:
 def markdown_table(results: Iterable[PointResult]) -> str:
     header = (
         "| strategy | load | offered req/s | goodput img/s | goodput / capacity | "
-        "full-quality / capacity | p50 s | p99 s | success free / plus / pro | refused | "
-        "peak °C | s ≥ slowdown | s throttled |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|\n"
+        "full-quality / capacity | p50 s | p99 s | success free / plus / pro | "
+        "share of images free / plus / pro | refused | peak °C | s ≥ slowdown | s throttled |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|\n"
     )
     rows = []
     for r in sorted(results, key=lambda r: (r.load, _order(r.strategy))):
         success = " / ".join(f"{t.success_rate:.0%}" for t in r.tiers)
+        shares = " / ".join(f"{r.image_share(t.tier):.0%}" for t in r.tiers)
         refused = ", ".join(f"{code} {count}" for code, count in r.refused.items()) or "-"
         rows.append(
             f"| {r.strategy} | {r.load:g}x | {r.offered_rps:.3f} | {r.goodput_ips:.3f} | "
             f"{r.goodput_ratio:.2f} | {r.work_ratio:.2f} | {_s(r.p50_s)} | {_s(r.p99_s)} | "
-            f"{success} | {refused} | {_s(r.peak_c, 1)} | {r.above_slowdown_s:.0f} | "
+            f"{success} | {shares} | {refused} | {_s(r.peak_c, 1)} | {r.above_slowdown_s:.0f} | "
             f"{r.throttled_s:.0f} |"
         )
     return header + "\n".join(rows) + "\n"
@@ -240,11 +244,12 @@ def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
         left.plot(loads, [p.work_ratio for p in points], ":", color=color, alpha=0.7)
         right.plot(loads, [p.peak_c or 0.0 for p in points], "o-", color=color, label=strategy)
     left.axhline(1.0, color="grey", lw=0.8, label="sustainable capacity")
-    left.axhline(GOODPUT_TARGET, color="grey", lw=0.8, ls="--", label="target at 5x, 10x")
+    left.axhline(WORK_TARGET, color="grey", lw=0.8, ls="--",
+                 label="full-quality target at 5x, 10x")
     left.set(xscale="log", xlabel="offered load (x sustainable capacity)",
              ylabel="goodput / sustainable capacity",
              title="Goodput (solid: images, dotted: full-quality work)")
-    slowdown = results[0].slowdown_c if results else 87.0
+    slowdown = (results[0].slowdown_c if results else None) or 87.0
     right.axhline(slowdown, color="black", lw=0.8, ls="--", label="slowdown")
     right.set(xscale="log", xlabel="offered load (x sustainable capacity)",
               ylabel="peak GPU temperature (°C)", title="Peak temperature")

@@ -140,6 +140,8 @@ class Runtime:
         # The level can only drop at a sample, so a retry must land after the next one.
         eta = cooling_eta(state, policy, now) + policy.pressure.sample_interval
         self.gate.set_pressure(state.level, eta)
+        # Pacing toward the policy's hold line (pressure.hold); None when there is none.
+        self.gate.scheduler.set_duty_budget(state.duty_budget)
         if previous is None or previous.level != state.level:
             rising = previous is not None and state.level > previous.level
             # "level" is the log level's key; the pressure level goes under "pressure".

@@ -38,6 +38,7 @@ from meltguard.bench.outcome import (
     PointResult,
     RequestRecord,
     TelemetryPoint,
+    Transition,
     delivered_work,
 )
 from meltguard.bench.outcome import summarize as summarize_point
@@ -171,6 +172,8 @@ class SimSetup:
 class SimRun:
     records: tuple[RequestRecord, ...]
     telemetry: tuple[TelemetryPoint, ...]
+    transitions: tuple[Transition, ...] = ()
+    trace_slowdown_c: float | None = None  # the highest slowdown a replayed trace reported
 
 
 class _ReplayThrottle:
@@ -241,19 +244,34 @@ async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
     start = clock.monotonic()
     telemetry: list[TelemetryPoint] = []
     records: list[RequestRecord] = []
+    transitions: list[Transition] = []
+    slowdowns: list[float] = []
+    # What counts as throttled: the simulated card reports hw_thermal when it slows down; a
+    # recorded one may report any of the slowdown reasons.
+    slow_reasons = _SLOW_REASONS if replay is not None else frozenset({"hw_thermal"})
+
+    def note_level(now: float) -> None:
+        state = runtime.pressure
+        if state is None:
+            return
+        label = state.level.label
+        if not transitions or transitions[-1].level != label:
+            transitions.append(Transition(now - start, label, tuple(state.reasons)))
 
     def read() -> None:
         now = clock.monotonic()
         samples = replay.read() if replay is not None else source.read()
         if samples:
             runtime.observe(samples, now)
+            slowdowns.extend(s.slowdown_c for s in samples if s.slowdown_c is not None)
             first = samples[0]
             if first.temperature_c is not None:
                 telemetry.append(TelemetryPoint(
-                    now - start, first.temperature_c, "hw_thermal" in first.throttle,
+                    now - start, first.temperature_c, bool(first.throttle & slow_reasons),
                     int(runtime.level), decisions["admitted"], decisions["refused"],
                 ))
         runtime.observe(None, now)
+        note_level(now)
 
     async def sample_forever() -> None:
         interval = policy.pressure.sample_interval
@@ -300,7 +318,8 @@ async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
     await engine.close()
     await gate.drain()
     records.sort(key=lambda r: r.t)
-    return SimRun(tuple(records), tuple(telemetry))
+    return SimRun(tuple(records), tuple(telemetry), tuple(transitions),
+                  max(slowdowns) if slowdowns else None)
 
 
 async def _serve(runtime: Runtime, engine: SimEngine, caller: Caller,
@@ -335,10 +354,27 @@ def _work(ask: ImageAsk, permit: Permit, images: int, policy: Policy) -> float:
 
 def simulate_point(setup: SimSetup, cap: Capacity) -> PointResult:
     run = simulate(setup)
+    slowdown, _ = slowdown_source(setup, run)
     return summarize_point(
         strategy=setup.strategy, load=setup.load, scenario=setup.scenario,
         capacity_ips=cap.sustainable_ips, requests=run.records, telemetry=run.telemetry,
+        slowdown_c=slowdown, use_model_slowdown=setup.trace is None,
+        transitions=run.transitions,
     )
+
+
+def slowdown_source(setup: SimSetup, run: SimRun) -> tuple[float | None, str]:
+    """The slowdown temperature the figures are measured against, and where it comes from:
+    the built-in thermal model when it ran; with a trace, what the trace reported, else the
+    policy's critical temperature line, else nothing (a recorded card is not the model)."""
+    if setup.trace is None:
+        return setup.scenario.gpu.slowdown_c, "the built-in thermal model"
+    if run.trace_slowdown_c is not None:
+        return run.trace_slowdown_c, "the trace"
+    critical = setup.loaded.policy.pressure.levels.get("critical")
+    if critical is not None and critical.enter.temperature_c is not None:
+        return critical.enter.temperature_c, "the policy (critical's temperature_c)"
+    return None, "nowhere: neither the trace nor the policy gives one"
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -384,41 +420,67 @@ def run_simulate(args: argparse.Namespace) -> int:
     setup = SimSetup(loaded=loaded, scenario=scenario, requests=requests,
                      strategy=args.strategy, load=0.0 if args.requests else args.load,
                      trace=trace, options=baseline_options(cap))
-    result = simulate_point(setup, cap)
+    run = simulate(setup)
+    slowdown, slowdown_from = slowdown_source(setup, run)
+    result = summarize_point(
+        strategy=setup.strategy, load=setup.load, scenario=setup.scenario,
+        capacity_ips=cap.sustainable_ips, requests=run.records, telemetry=run.telemetry,
+        slowdown_c=slowdown, use_model_slowdown=trace is None, transitions=run.transitions,
+    )
     print(render(result, loaded.policy, cap, source="trace " + args.trace if args.trace
-                 else "thermal model"))
+                 else "thermal model", slowdown_from=slowdown_from))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result.to_json(), indent=1) + "\n")
     return 0
 
 
-def render(result: PointResult, policy: Policy, cap: Capacity, *, source: str) -> str:
+def render(result: PointResult, policy: Policy, cap: Capacity, *, source: str,
+           slowdown_from: str = "the built-in thermal model") -> str:
     """The report ops read before deploying: per tier served, degraded and refused, then the
-    temperature path."""
+    temperature path and every level the controller went through."""
+    replayed = not source.startswith("thermal model")
+    capacity_line = cap.describe()
+    if replayed:
+        # The built-in card's capacity is not this card's: say so rather than lean on it.
+        capacity_line = (
+            "capacity: the replayed card's temperature does not answer to this load, so "
+            "goodput is compared with the simulated engine's "
+            f"{cap.sustainable_ips:.4f} images/s for reference only"
+        )
     lines = [
         f"strategy {result.strategy}, {result.offered_rps * 60:.1f} requests/min offered over "
         f"{result.duration_s:g} s, telemetry from the {source}",
-        cap.describe(),
+        capacity_line,
         "",
         f"{'tier':<8}{'offered':>8}{'served':>8}{'degraded':>9}{'late':>6}{'refused':>8}"
-        f"{'success':>9}{'p50 s':>8}{'p99 s':>8}  refusals",
+        f"{'success':>9}{'share':>7}{'p50 s':>8}{'p99 s':>8}  refusals",
     ]
     for t in result.tiers:
         refusals = ", ".join(f"{k} {v}" for k, v in t.refused.items()) or "-"
         lines.append(
             f"{t.tier:<8}{t.offered:>8}{t.succeeded:>8}{t.degraded:>9}{t.late:>6}"
-            f"{sum(t.refused.values()):>8}{t.success_rate:>9.1%}{_s(t.p50_s):>8}"
+            f"{sum(t.refused.values()):>8}{t.success_rate:>9.1%}"
+            f"{result.image_share(t.tier):>7.0%}{_s(t.p50_s):>8}"
             f"{_s(t.p99_s):>8}  {refusals}"
         )
     lines += [
         "",
-        f"goodput {result.goodput_ips:.4f} images/s = {result.goodput_ratio:.2f} x sustainable "
-        f"capacity; p50 {_s(result.p50_s)} s, p99 {_s(result.p99_s)} s",
-        f"peak {_s(result.peak_c, 1)} °C (slowdown {result.slowdown_c:g} °C), "
-        f"{result.above_slowdown_s:.0f} s at or above slowdown, "
-        f"{result.throttled_s:.0f} s throttled",
+        f"goodput {result.goodput_ips:.4f} images/s = {result.goodput_ratio:.2f} x "
+        + ("the reference above" if replayed else "sustainable capacity")
+        + f"; p50 {_s(result.p50_s)} s, p99 {_s(result.p99_s)} s",
+        f"peak {_s(result.peak_c, 1)} °C (slowdown {_s(result.slowdown_c, 1)} °C, from "
+        f"{slowdown_from}), {result.above_slowdown_s:.0f} s at or above slowdown, "
+        f"{result.throttled_s:.0f} s throttled"
+        + (" (thermal reasons the trace reported)" if replayed else ""),
         "temperature path: " + _path(result.telemetry),
+        "",
+        "pressure levels (s from the start: level, reasons):",
     ]
+    for change in result.transitions or ():
+        reasons = ", ".join(change.reasons) or "-"
+        lines.append(f"  {change.t:8.1f}  {change.level:<9} {reasons}")
+    if not result.transitions:
+        lines.append("  (none recorded)")
     return "\n".join(lines)
 
 

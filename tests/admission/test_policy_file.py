@@ -31,6 +31,12 @@ THROTTLE_CHOICES = (
 # contract ops read, so it is pinned whole rather than matched loosely.
 EXPECTED: dict[str, list[str]] = {
     "zero_quota_window.yaml": ["7: tiers.free.quotas[0].per: Input should be greater than 0"],
+    "min_share_no_room.yaml": [
+        "4: tiers.free.min_share: the tiers' min_share add up to 1.1; they must leave room "
+        "below 1 for priority to order"
+    ],
+    "min_share_out_of_range.yaml": ["6: tiers.free.min_share: Input should be less than 1"],
+    "hold_without_a_line.yaml": ["7: pressure.hold: hold needs below_slowdown_c or temperature_c"],
     "default_size_over_max.yaml": [
         "7: limits.default_size: default_size 1024x1024 does not fit in max_size 512x512"
     ],

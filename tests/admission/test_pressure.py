@@ -320,74 +320,103 @@ def test_newest_sample_per_gpu_wins() -> None:
 
 
 # --- lookahead ------------------------------------------------------------------------------
+# lookahead asks the card's fitted thermal model (admission/thermal.py), not a straight line:
+# the curves below are what a heatsink does, settling exponentially.
 
 
-def ramp(
-    start: float, rate: float, times: Iterable[float], **fields: Any
+def curve(
+    start: float, settle: float, tau: float, times: Iterable[float], *, util: float = 0.9,
+    **fields: Any,
 ) -> list[tuple[float, list[GpuSample]]]:
-    """One sample per time, the temperature moving at `rate` °C/s."""
-    return [fresh(t, start + rate * t, **fields) for t in times]
+    """One sample per time on a first-order curve from `start` toward `settle`."""
+    return [fresh(t, settle + (start - settle) * math.exp(-t / tau), util=util, **fields)
+            for t in times]
 
 
-def test_lookahead_enters_early_on_a_rising_trend() -> None:
-    # 0.2 °C/s from 70.5: at t=8 it reads 72.1 and will pass 78 within the 30 s lookahead.
-    states = run(ramp(70.5, 0.2, range(11)), LOOKAHEAD)
-    assert levels(states) == [Level.NORMAL] * 8 + [Level.ELEVATED] * 3
-    assert states[8].entered_at == 8
-    assert states[8].gpus[0].signals == ("lookahead:temperature_c>=78",)
-    assert states[8].reasons == ("gpu0:lookahead:temperature_c>=78",)
-    assert states[8].gpus[0].trend_c_per_s == pytest.approx(0.2)
+HALF_SECONDS = [i * 0.5 for i in range(400)]
+
+
+def first(states: Sequence[PressureState], level: Level) -> int | None:
+    return next((i for i, s in enumerate(states) if s.level >= level), None)
+
+
+def test_lookahead_enters_before_a_curve_that_will_cross() -> None:
+    # From 60 toward 85 with τ = 60 s: 78 is crossed at t = 60·ln(25/7) = 76.4 s; with a
+    # 30 s lookahead the model enters about 30 s before that.
+    steps = curve(60, 85, 60, HALF_SECONDS)
+    states = run(steps, LOOKAHEAD)
+    at = first(states, Level.ELEVATED)
+    assert at is not None
+    entered_t = steps[at][0]
+    assert 44.0 <= entered_t <= 50.0
+    assert states[at].gpus[0].signals == ("lookahead:temperature_c>=78",)
+    assert states[at].reasons == ("gpu0:lookahead:temperature_c>=78",)
+    fit = states[at].gpus[0].thermal
+    assert fit is not None and fit.settle_c() == pytest.approx(85, abs=1.0)
 
 
 def test_lookahead_follows_a_time_compressed_sample_interval() -> None:
-    # The same ramp 40x faster, sampled 40x more often (a --sim-speed 40 daemon): the trend
-    # window shrinks with the interval, so lookahead enters at the same sample.
+    # The same curve 40x faster, sampled 40x more often (a --sim-speed 40 daemon): the model
+    # counts in sample intervals, so lookahead enters at the same sample.
     compressed = policy_with(lookahead="750ms", sample_interval="12.5ms")
-    states = run(ramp(70.5, 8.0, [i / 40 for i in range(11)]), compressed)
-    assert levels(states) == [Level.NORMAL] * 8 + [Level.ELEVATED] * 3
-    assert states[8].gpus[0].trend_c_per_s == pytest.approx(8.0)
+    plain = run(curve(60, 85, 60, HALF_SECONDS), LOOKAHEAD)
+    fast = run(curve(60, 85, 1.5, [t / 40 for t in HALF_SECONDS]), compressed)
+    assert first(fast, Level.ELEVATED) == first(plain, Level.ELEVATED) is not None
 
 
 def test_lookahead_reaches_below_slowdown_lines() -> None:
-    # Slowdown 90, so high enters at 85; from 77.5 at 0.2 °C/s, t=8 reads 79.1 -> 85.1.
-    states = run(ramp(77.5, 0.2, range(11), slowdown=90), LOOKAHEAD)
-    assert levels(states)[7:] == [Level.ELEVATED, Level.HIGH, Level.HIGH, Level.HIGH]
-    assert "lookahead:below_slowdown_c<=5" in states[8].gpus[0].signals
+    # Slowdown 90, so high enters at 85; the curve settles at 95.
+    states = run(curve(70, 95, 60, HALF_SECONDS, slowdown=90), LOOKAHEAD)
+    at = first(states, Level.HIGH)
+    assert at is not None
+    assert "lookahead:below_slowdown_c<=5" in states[at].gpus[0].signals
+    assert states[at].gpus[0].temperature_c is not None
+    assert states[at].gpus[0].temperature_c < 85
 
 
-def test_lookahead_ignores_a_flat_trend() -> None:
-    states = run(ramp(77, 0.0, range(30)), LOOKAHEAD)
-    assert set(levels(states)) == {Level.NORMAL}
-    assert states[-1].gpus[0].trend_c_per_s == pytest.approx(0.0)
-
-
-def test_lookahead_ignores_a_falling_trend() -> None:
-    states = run(ramp(77, -0.2, range(11)), LOOKAHEAD)
+def test_lookahead_ignores_a_flat_curve() -> None:
+    states = run(curve(77, 77, 60, HALF_SECONDS), LOOKAHEAD)
     assert set(levels(states)) == {Level.NORMAL}
 
 
-def test_lookahead_waits_for_enough_history() -> None:
-    # A 1 °C jump between two samples a second apart is NVML rounding, not a trend.
+def test_lookahead_ignores_a_falling_curve() -> None:
+    states = run(curve(77, 50, 60, HALF_SECONDS), LOOKAHEAD)
+    assert set(levels(states)) == {Level.NORMAL}
+
+
+def test_lookahead_ignores_a_steep_start_that_flattens_below() -> None:
+    # The first seconds of a load step climb 2 °C/s, which a straight line projects past 90;
+    # the curve settles at 70 and nothing is entered.
+    idle = [fresh(t, 42.0, util=0.0) for t in HALF_SECONDS[:60]]
+    step = [fresh(30 + t, 70 - 28 * math.exp(-t / 14), util=0.9) for t in HALF_SECONDS]
+    states = run(idle + step, LOOKAHEAD)
+    assert set(levels(states)) == {Level.NORMAL}
+
+
+def test_lookahead_waits_for_a_fit() -> None:
+    # A 1 °C jump between two samples is NVML rounding, not a curve: nothing is predicted
+    # before the model has seen MIN_FIT_SAMPLES steps.
     states = run([fresh(0, 70), fresh(1, 71), fresh(2, 72)], LOOKAHEAD)
     assert set(levels(states)) == {Level.NORMAL}
-    assert states[-1].gpus[0].trend_c_per_s is None
+    thermal = states[-1].gpus[0].thermal
+    assert thermal is not None and thermal.trusted is None
 
 
 def test_lookahead_is_off_unless_configured() -> None:
-    states = run(ramp(70, 0.2, range(11)))
-    assert set(levels(states)) == {Level.NORMAL}
+    states = run(curve(60, 85, 60, HALF_SECONDS))
+    assert first(states, Level.ELEVATED) == next(
+        i for i, (_, samples) in enumerate(curve(60, 85, 60, HALF_SECONDS))
+        if (samples[0].temperature_c or 0) >= 78)
 
 
-def test_history_is_bounded_and_not_double_counted() -> None:
+def test_the_same_sample_twice_is_fitted_once() -> None:
     state = None
-    for t in range(200):
-        state = assess([gpu(t * 0.25, 60)], state, LOOKAHEAD, t * 0.25)
-        state = assess([gpu(t * 0.25, 60)], state, LOOKAHEAD, t * 0.25 + 0.1)
+    for t in range(100):
+        state = assess([gpu(t * 0.5, 60)], state, LOOKAHEAD, t * 0.5)
+        state = assess([gpu(t * 0.5, 60)], state, LOOKAHEAD, t * 0.5 + 0.1)
     assert state is not None
-    history = state.gpus[0].history
-    assert len(history) <= 64
-    assert len({t for t, _ in history}) == len(history)
-    assert history[-1][0] - history[0][0] <= 30
+    thermal = state.gpus[0].thermal
+    assert thermal is not None and thermal.steps == 99
 
 
 # --- several GPUs ---------------------------------------------------------------------------
@@ -430,31 +459,46 @@ def test_cooling_eta_is_the_remaining_dwell_once_below_exit() -> None:
     assert cooling_eta(states[-1], POLICY, 4) == pytest.approx(6.0)
 
 
-def test_cooling_eta_follows_the_cooling_trend() -> None:
-    # Cooling at 0.5 °C/s from 85: at t=10 it reads 80, and needs 12 s more to reach 74.
-    states = run(ramp(85, -0.5, range(11)))
+def test_cooling_eta_follows_the_fitted_cooling_curve() -> None:
+    # Cooling from 85 toward 50 with τ = 40 s, idle: elevated holds until 74, which the curve
+    # reaches at t = 40·ln(35/24) = 15.1 s; at t = 12 about 3.1 s remain.
+    steps = curve(85, 50, 40, [i * 0.5 for i in range(25)], util=0.0)
+    states = run(steps, POLICY)
     assert states[-1].level == Level.ELEVATED
-    assert cooling_eta(states[-1], POLICY, 10) == pytest.approx(12.0)
+    assert cooling_eta(states[-1], POLICY, 12) == pytest.approx(40 * math.log(35 / 24) - 12,
+                                                                 abs=0.5)
 
 
 def test_cooling_eta_never_below_remaining_dwell() -> None:
-    # Nearly at the exit line and cooling fast, but elevated was entered at 0: 4 s of dwell left.
-    states = run([fresh(t, temp) for t, temp in enumerate([80, 79, 78, 77, 76, 75, 74.5])])
+    # Past the exit line within 3 s, but elevated was entered at 0: 7 s of dwell are left.
+    steps = curve(80, 40, 10, [i * 0.5 for i in range(7)], util=0.0)
+    states = run(steps, POLICY)
     last = states[-1]
     assert last.level == Level.ELEVATED
-    assert last.gpus[0].trend_c_per_s is not None and last.gpus[0].trend_c_per_s < -0.5
-    assert cooling_eta(last, POLICY, 6) == pytest.approx(4.0)
+    assert cooling_eta(last, POLICY, 3) == pytest.approx(7.0)
 
 
-def test_cooling_eta_without_a_trend_yet_is_conservative() -> None:
+def test_cooling_eta_without_a_fit_yet_is_conservative() -> None:
     (state,) = run([fresh(0, 80)])
     assert cooling_eta(state, POLICY, 0) == NOT_COOLING_ETA_S
 
 
 def test_cooling_eta_when_not_cooling_is_conservative() -> None:
-    states = run(ramp(80, 0.0, range(40)))
+    states = run(curve(80, 80, 40, HALF_SECONDS[:80]))
     assert states[-1].level == Level.ELEVATED
-    assert cooling_eta(states[-1], POLICY, 39) == NOT_COOLING_ETA_S
+    assert cooling_eta(states[-1], POLICY, 39.5) == NOT_COOLING_ETA_S
+
+
+def test_cooling_eta_assumes_shed_load_when_the_present_one_keeps_it_hot() -> None:
+    # Idle at 45 (the lightest load seen), then loaded toward 90. At the load it has now it
+    # would never cool below 74; shedding brings it back toward 45 along the fitted curve.
+    idle = [fresh(t, 45 + 0.0 * t, util=0.0) for t in HALF_SECONDS[:40]]
+    hot = [fresh(20 + t, 90 - 45 * math.exp(-t / 40), util=0.9) for t in HALF_SECONDS[:200]]
+    states = run(idle + hot, POLICY)
+    last = states[-1]
+    assert last.level >= Level.ELEVATED
+    eta = cooling_eta(last, POLICY, idle[-1][0] + hot[-1][0])
+    assert 0 < eta < NOT_COOLING_ETA_S
 
 
 def test_cooling_eta_for_memory_pressure_is_conservative() -> None:
@@ -468,18 +512,23 @@ def test_cooling_eta_while_stale_is_conservative() -> None:
 
 
 def test_cooling_eta_below_slowdown_uses_the_cards_line() -> None:
-    # High holds until 8 °C under this card's slowdown of 90, i.e. 82. Cooling 0.15 °C/s from
-    # 87.5, it reads 86 at t=10: 4 °C to go, about 27 s, longer than high's remaining dwell.
-    states = run(ramp(87.5, -0.15, range(11), slowdown=90))
+    # High holds until 8 °C under this card's slowdown of 90, i.e. 82. Cooling from 87.5
+    # toward 60 with τ = 100 s: 82 is reached at t = 100·ln(27.5/22) = 22.3 s.
+    steps = curve(87.5, 60, 100, [i * 0.5 for i in range(21)], util=0.0, slowdown=90)
+    states = run(steps, POLICY)
     assert states[-1].level == Level.HIGH
-    assert cooling_eta(states[-1], POLICY, 10) == pytest.approx((86 - 82) / 0.15)
+    assert cooling_eta(states[-1], POLICY, 10) == pytest.approx(
+        100 * math.log(27.5 / 22) - 10, abs=0.5)
 
 
 def test_cooling_eta_waits_for_the_slowest_gpu() -> None:
-    states = run([(t, [gpu(t, 80 - 0.5 * t, index=0), gpu(t, 85 - 0.5 * t, index=1)])
-                  for t in range(11)])
-    # gpu0 is at 75 (1 °C from 74 -> 2 s), gpu1 at 80 (6 °C -> 12 s).
-    assert cooling_eta(states[-1], POLICY, 10) == pytest.approx(12.0)
+    times = [i * 0.5 for i in range(21)]
+    states = run([(t, [gpu(t, 50 + 35 * math.exp(-t / 40), index=0, util=0.0),
+                       gpu(t, 50 + 38 * math.exp(-t / 40), index=1, util=0.0)])
+                  for t in times])
+    # At t = 10 both are elevated; gpu1 is hotter and needs 40·ln(38/24) - 10 s to reach 74.
+    assert cooling_eta(states[-1], POLICY, 10) == pytest.approx(
+        40 * math.log(38 / 24) - 10, abs=0.5)
 
 
 # --- properties -----------------------------------------------------------------------------

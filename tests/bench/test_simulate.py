@@ -120,10 +120,10 @@ def test_command_line_with_a_request_log_and_a_trace(
     items = [Arrival(float(i), tier, f"{tier}-001", Size(512, 512), 30, 1)
              for i, tier in enumerate(["free", "plus", "pro"] * 10)]
     requests.write_text(format_requests(items))
-    # A card that sits at 84 °C all along: critical under the bench policy (81 °C).
+    # A card that sits at 86.7 °C all along: critical under the bench policy (86.6 °C).
     trace = tmp_path / "trace.jsonl"
     trace.write_text("".join(
-        json.dumps({"t": t, "index": 0, "temperature_c": 84.0, "slowdown_c": 87.0,
+        json.dumps({"t": t, "index": 0, "temperature_c": 86.7, "slowdown_c": 87.0,
                     "throttle": []}) + "\n" for t in range(0, 60, 5)))
     out = tmp_path / "result.json"
     code = main(["simulate", "--policy", str(BENCH_POLICY), "--requests", str(requests),
@@ -131,12 +131,45 @@ def test_command_line_with_a_request_log_and_a_trace(
     assert code == 0
     text = capsys.readouterr().out
     assert "telemetry from the trace" in text and "temperature path" in text
+    assert "slowdown 87.0 °C, from the trace" in text
+    assert "critical  gpu0:below_slowdown_c<=0.4" in text
     result = json.loads(out.read_text())
     tiers = result["tiers"]
     assert tiers["free"]["succeeded"] == 0 and tiers["plus"]["succeeded"] == 0
     assert tiers["free"]["refused"] == {"server_overloaded": 10}
     assert tiers["pro"]["success_rate"] == 1.0 and tiers["pro"]["degraded"] == 10
-    assert result["peak_c"] == 84.0
+    assert tiers["pro"]["image_share"] == 1.0
+    assert result["peak_c"] == 86.7 and result["slowdown_c"] == 87.0
+    assert result["transitions"] == [
+        {"t": 0.0, "level": "critical", "reasons": ["gpu0:below_slowdown_c<=0.4"]},
+    ]
+
+
+def test_a_trace_without_a_slowdown_takes_it_from_the_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A card heating from 70 to 92 °C that never reports its slowdown temperature: the
+    # figures are measured against the policy's critical line (90 °C), never the model's 87.
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(
+        json.dumps({"t": t, "index": 0, "temperature_c": 70.0 + t * 0.5}) + "\n"
+        for t in range(0, 45)))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(format_requests(
+        [Arrival(float(i), "pro", "pro-001", Size(512, 512), 30, 1) for i in range(40)]))
+    out = tmp_path / "result.json"
+    policy = ROOT / "policies" / "examples" / "incident.yaml"
+    assert main(["simulate", "--policy", str(policy), "--requests", str(requests),
+                 "--trace", str(trace), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "slowdown 90.0 °C, from the policy (critical's temperature_c)" in text
+    assert "for reference only" in text and "sustainable capacity" not in text
+    result = json.loads(out.read_text())
+    assert result["slowdown_c"] == 90.0
+    levels = [change["level"] for change in result["transitions"]]
+    assert levels[:3] == ["normal", "elevated", "critical"]
+    critical = next(c for c in result["transitions"] if c["level"] == "critical")
+    assert critical["t"] <= 40.0  # 90 °C is first read at t = 40 s
 
 
 def test_command_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

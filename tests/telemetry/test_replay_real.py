@@ -5,33 +5,18 @@ against the file's own columns, summarised by `meltguard gpus`, and replayed by
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import pytest
 
 from meltguard.daemon.cli import main
 from meltguard.daemon.telemetry.replay import ReplayFormatError, Trace, load_trace_file
+from tests.real_traces import spec as trace_spec
+from tests.real_traces import traces_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "policies" / "bench.yaml"
-# The noheader file's columns, as its values read: time, index, name, GPU and memory utilization
-# (%), memory used and total (MiB), temperature (°C), power (W), graphics and memory clocks (MHz).
-NOHEADER_COLUMNS = ("timestamp,index,name,utilization.gpu,utilization.memory,memory.used,"
-                    "memory.total,temperature.gpu,power.draw,clocks.gr,clocks.mem")
-
-
-def _traces_dir() -> Path | None:
-    if os.environ.get("MELTGUARD_TRACES"):
-        return Path(os.environ["MELTGUARD_TRACES"])
-    for folder in (ROOT, *ROOT.parents):
-        candidate = folder / "shared" / "traces"
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-TRACES = _traces_dir()
+TRACES = traces_dir()
 FILES = sorted(p.relative_to(TRACES).as_posix() for p in TRACES.rglob("*.csv")) if TRACES else []
 pytestmark = pytest.mark.skipif(
     TRACES is None, reason="no shared/traces folder above the repository (set MELTGUARD_TRACES)"
@@ -40,8 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 def spec(name: str) -> str:
     assert TRACES is not None
-    path = str(TRACES / name)
-    return f"{path}?columns={NOHEADER_COLUMNS}" if "noheader" in name else path
+    return trace_spec(TRACES / name)
 
 
 def load(name: str) -> Trace:
