@@ -5,6 +5,10 @@
 #   docker run --rm --gpus all -p 8000:8000 \
 #     -v /srv/meltguard/policy.yaml:/etc/meltguard/policy.yaml:ro -v /srv/models:/models:ro \
 #     -e MELTGUARD_POLICY=/etc/meltguard/policy.yaml -e MELTGUARD_MODEL=/models/sd15 meltguard
+# The power lever (the policy's `power` section) needs root or CAP_SYS_ADMIN, which this image's
+# unprivileged user does not have (and Docker's root lacks CAP_SYS_ADMIN by default): to use it,
+#   docker run --gpus all --user 0 --cap-add SYS_ADMIN ... meltguard
+# Without it meltguard logs once that the card refused, and sheds load with admission alone.
 # torch comes from PyPI unless TORCH_INDEX_URL names another wheel index (PyTorch publishes
 # CPU-only and per-CUDA indexes): --build-arg TORCH_INDEX_URL=<index URL>.
 

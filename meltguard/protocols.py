@@ -3,7 +3,7 @@ the daemon drives is admission/strategy.py: it speaks in admission's own types.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from meltguard.values import EngineHealth, GenerationJob, GpuSample, QuotaOutcome, QuotaWindow
@@ -59,6 +59,15 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release the pipeline and its worker; no generate() after this."""
         ...
+
+
+@runtime_checkable
+class BatchObservable(Protocol):
+    """An engine that tells who shared each batch and when it ran (energy attribution)."""
+
+    def on_batch(
+        self, listener: Callable[[Sequence[GenerationJob], float, float], None]
+    ) -> None: ...
 
 
 class TelemetrySource(Protocol):
@@ -124,4 +133,22 @@ class QuotaStore(Protocol):
 
     async def close(self) -> None:
         """Close connections or files; called once, after the gate's refunds are drained."""
+        ...
+
+
+@runtime_checkable
+class PowerLimits(Protocol):
+    """A card's power limit as a lever (NVML on a real GPU). Blocking calls: the power actuator
+    makes them on its own thread, never on the event loop."""
+
+    def default_power_limit_w(self, gpu: int) -> float | None:
+        """The limit the card boots with; None where it cannot be read."""
+        ...
+
+    def power_limit_range_w(self, gpu: int) -> tuple[float, float] | None:
+        """The lowest and highest limit the card accepts; None where it cannot be read."""
+        ...
+
+    def set_power_limit_w(self, gpu: int, watts: float) -> str:
+        """`success`, or why the card refused (`nvml_no_permission`, `nvml_not_supported`, ...)."""
         ...

@@ -139,6 +139,8 @@ class GpuSample:
     power_limit_w: float | None = None
     throttle: frozenset[str] = field(default_factory=frozenset)
     lost: bool = False
+    # The card's own energy counter since the driver loaded (NVML total energy), in joules.
+    energy_j: float | None = None
 
     @property
     def memory_ratio(self) -> float | None:

@@ -211,6 +211,17 @@ class Policy(_Strict):
     concurrency: Concurrency = Concurrency()
     pressure: Pressure = Pressure()
     actions: dict[str, dict[str, TierAction]] = {}
+    # Per level, the GPU power limit as a ratio of the card's default limit (issue 19).
+    power: dict[str, Factor] = {}
+
+    def power_ratio(self, level: Level) -> float | None:
+        """The power-limit ratio at `level`, or None for the card's default limit. A level the
+        section leaves out keeps the ratio of the nearest level below it, so a hotter card is
+        never given more power than a cooler one."""
+        ratio: float | None = None
+        for name in LEVEL_NAMES[: int(level)]:
+            ratio = self.power.get(name, ratio)
+        return ratio
 
     def level_config(self, level: Level) -> PressureLevel | None:
         return self.pressure.levels.get(level.label)
@@ -398,6 +409,23 @@ def semantic_issues(policy: Policy) -> list[PolicyIssue]:
             if tier_name not in tiers:
                 issues.append(PolicyIssue(("actions", level, tier_name),
                     f"unknown tier {tier_name!r} (tiers: {known})"))
+    issues.extend(_power_issues(policy.power))
+    return issues
+
+
+def _power_issues(power: Mapping[str, float]) -> list[PolicyIssue]:
+    issues: list[PolicyIssue] = []
+    for name in power:
+        if name not in LEVEL_NAMES:
+            issues.append(PolicyIssue(("power", name),
+                f"unknown level {name!r} (levels: {', '.join(LEVEL_NAMES)}; normal always "
+                "restores the card's default limit)"))
+    ladder = [name for name in LEVEL_NAMES if name in power]
+    for lower, upper in itertools.pairwise(ladder):
+        if power[upper] > power[lower]:
+            issues.append(PolicyIssue(("power", upper),
+                f"{upper} allows {power[upper]:g} of the default limit, more than {lower}'s "
+                f"{power[lower]:g}; a hotter level must not raise the limit"))
     return issues
 
 

@@ -96,6 +96,14 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec("quota_refunds", "counter", ("result",), "refunds",
                "Refund attempts by result: success (the store took it), retry (it failed and "
                "stays queued), dropped (the queue was full), abandoned (left at shutdown)."),
+    MetricSpec("gpu_energy_joules", "counter", ("gpu",), "joules",
+               "Energy the card has used since its driver loaded, from its own counter."),
+    MetricSpec("power_limit_changes", "counter", ("gpu", "result"), "changes",
+               "Power-limit changes the policy's power section asked for, by result: success, "
+               "shadow (logged, not set) or the NVML refusal (nvml_no_permission, ...)."),
+    MetricSpec("energy_joules", "counter", ("tier",), "joules",
+               "GPU energy attributed to each tier: every batch's share of the card's energy "
+               "while it ran, split by images."),
 )
 
 BY_NAME: dict[str, MetricSpec] = {spec.full_name: spec for spec in CATALOG}

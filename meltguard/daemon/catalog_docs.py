@@ -40,7 +40,9 @@ LABEL_DOCS: dict[str, str] = {
     "requested": "Telemetry source asked for on the command line: `auto`, `nvml`, `sim`, "
     "`replay`.",
     "result": "`success` or `failure`; for `quota_refunds_total` also `retry`, `dropped` and "
-    "`abandoned`.",
+    "`abandoned`. `power_limit_changes`: `success`, `shadow` (logged, not set), `unreadable` "
+    "(no default limit to scale), or the NVML refusal (`nvml_no_permission`, "
+    "`nvml_not_supported`, `nvml_gpu_is_lost`, ...).",
     "mode": "Policy mode: `enforce` or `shadow`.",
     "sha256": "SHA-256 of the policy file in force.",
     "store": "Quota store backend: `memory`, `sqlite`, `redis`.",

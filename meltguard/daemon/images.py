@@ -101,7 +101,9 @@ async def serve_images(
         bind_caller(caller.tenant, caller.tier)
         # The admitted (maybe degraded) job; an edit's picture joins it after admission.
         job = permit.job if edit is None else dataclasses.replace(permit.job, edit=edit)
-        pngs = await _generate(runtime, permit, job)
+        # Metered by the very job object the engine batches.
+        with runtime.energy.metering(job, caller.tier) as metered:
+            pngs = await _generate(runtime, permit, job)
     finally:
         runtime.request_finished()
 
@@ -113,12 +115,11 @@ async def serve_images(
     else:
         data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
     job = permit.job
-    body_out = {
-        "created": int(now),
-        "data": data,
-        "usage": {"images": len(pngs), "size": str(job.size), "steps": job.steps,
-                  "cost": round(permit.cost, 6)},
-    }
+    usage: dict[str, object] = {"images": len(pngs), "size": str(job.size), "steps": job.steps,
+                                "cost": round(permit.cost, 6)}
+    if metered.joules is not None:
+        usage["energy_j"] = round(metered.joules, 3)
+    body_out = {"created": int(now), "data": data, "usage": usage}
     headers = ratelimit_headers(permit.quota, now) if permit.quota is not None else {}
     if permit.degraded:
         headers["x-meltguard-degraded"] = ", ".join(permit.degraded)

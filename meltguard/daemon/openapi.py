@@ -164,7 +164,11 @@ _IMAGES_RESPONSE = {
             "type": "object",
             "required": ["images", "size", "steps", "cost"],
             "properties": {"images": {"type": "integer"}, "size": {"type": "string"},
-                           "steps": {"type": "integer"}, "cost": {"type": "number"}},
+                           "steps": {"type": "integer"}, "cost": {"type": "number"},
+                           "energy_j": {"type": "number", "description":
+                                        "meltguard extension: this request's share of the "
+                                        "GPU's energy while its batch ran, in joules; absent "
+                                        "where the telemetry reports neither energy nor power"}},
         },
     },
 }

@@ -27,7 +27,7 @@ from meltguard.values import THROTTLE_REASONS, GpuSample
 
 _MIN_INTERVAL_S = 0.01
 _FIELDS = ("temperature_c", "slowdown_c", "shutdown_c", "memory_used_bytes",
-           "memory_total_bytes", "utilization", "power_w", "power_limit_w")
+           "memory_total_bytes", "utilization", "power_w", "power_limit_w", "energy_j")
 
 
 @dataclass(frozen=True, slots=True)

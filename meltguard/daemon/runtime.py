@@ -13,6 +13,7 @@ from meltguard.admission.policy import LEVEL_NAMES, Level, Policy
 from meltguard.admission.pressure import PressureState, assess, cooling_eta
 from meltguard.admission.strategy import AdmissionStrategy
 from meltguard.daemon.admission_events import AdmissionEvents
+from meltguard.daemon.energy import EnergyMeter
 from meltguard.daemon.image_files import ImageFiles
 from meltguard.daemon.metrics import LiveView, Metrics
 from meltguard.daemon.policy_file import (
@@ -58,6 +59,7 @@ class Runtime:
         self._idle = asyncio.Event()
         self._idle.set()
         self.images = ImageFiles(settings.url_ttl)
+        self.energy = EnergyMeter()  # joules per image; fed by the sampler and the engine
         self.events = events if events is not None else AdmissionEvents()
         self.metrics = None  # the app attaches its Metrics (see the property)
         self.on_policy_change: Callable[[Policy], None] = lambda policy: None

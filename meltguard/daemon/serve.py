@@ -30,6 +30,7 @@ from meltguard.daemon.policy_file import (
     builtin_policy,
     load_policy_file,
 )
+from meltguard.daemon.power_wiring import PowerAndEnergy
 from meltguard.daemon.runtime import Runtime
 from meltguard.daemon.settings import Settings
 from meltguard.daemon.stores.lifecycle import (
@@ -174,10 +175,11 @@ def assemble(
     runtime.telemetry_note = note
 
     pressure = loaded.policy.pressure
+    power = PowerAndEnergy(runtime, source, registry)
     sampler = Sampler(
         source, clock=clock, interval=pressure.sample_interval, stale_after=pressure.stale_after,
-        on_snapshot=lambda snap: runtime.observe(snap.samples, clock.monotonic()),
-        on_tick=lambda now: runtime.observe(None, now),
+        on_snapshot=lambda snap: power.observe(snap.samples, clock.monotonic()),
+        on_tick=lambda now: power.observe(None, now),
     )
     register_telemetry_metrics(registry, sampler, clock=clock,
                                requested=requested_label(settings.telemetry))
@@ -191,6 +193,7 @@ def assemble(
     app[QUOTA_STORE] = store
     register_store_metrics(registry, store)
     app.cleanup_ctx.append(_resources_ctx(sampler, source, store, runtime))
+    app.cleanup_ctx.append(power.ctx)
     return Assembly(runtime, app, source, sampler)
 
 

@@ -20,13 +20,19 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import structlog
+
 from meltguard.inference.errors import EngineFailure, EngineOutOfMemory
 from meltguard.protocols import Clock
 from meltguard.values import GenerationJob
 
+log = structlog.get_logger("meltguard.inference")
+
 # Async so the simulator can sleep on its Clock; a blocking pipeline wraps itself with
 # loop.run_in_executor on its own single-thread executor (see diffusers_engine).
 BatchRunner = Callable[[Sequence[GenerationJob]], Awaitable[list[list[bytes]]]]
+# Told of every batch once it ended, with its jobs and its start and end on the Clock.
+BatchListener = Callable[[Sequence[GenerationJob], float, float], None]
 
 
 class _LostResults(EngineFailure):
@@ -52,6 +58,7 @@ class Batcher:
         self._closed = False
         self._busy_total = 0.0
         self._busy_since: float | None = None
+        self._listeners: list[BatchListener] = []
 
     @property
     def max_batch(self) -> int:
@@ -68,6 +75,10 @@ class Batcher:
         if self._busy_since is not None:
             running = max(self._clock.monotonic() - self._busy_since, 0.0)
         return self._busy_total + running
+
+    def add_listener(self, listener: BatchListener) -> None:
+        """Call `listener` after every batch, before its jobs' results are handed back."""
+        self._listeners.append(listener)
 
     async def submit(self, job: GenerationJob) -> list[bytes]:
         if self._closed:
@@ -186,8 +197,18 @@ class Batcher:
                 if not waiter.future.done():
                     waiter.future.set_result(images)
         finally:
-            self._busy_total += max(self._clock.monotonic() - started, 0.0)
+            ended = self._clock.monotonic()
+            self._busy_total += max(ended - started, 0.0)
             self._busy_since = None
+            self._tell(batch, started, ended)
+
+    def _tell(self, batch: list[_Waiter], started: float, ended: float) -> None:
+        jobs = [waiter.job for waiter in batch]
+        for listener in self._listeners:
+            try:
+                listener(jobs, started, ended)
+            except Exception:  # an observer's bug must not fail the batch it watched
+                log.exception("batcher.listener_failed")
 
     async def _run_alone(self, waiter: _Waiter) -> None:
         if waiter.future.done():

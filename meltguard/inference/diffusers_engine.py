@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 import torch
 
-from meltguard.inference.batcher import Batcher
+from meltguard.inference.batcher import Batcher, BatchListener
 from meltguard.inference.errors import (
     EditUnsupported,
     EngineFailure,
@@ -154,6 +154,9 @@ class DiffusersEngine:
 
     def busy_seconds(self) -> float:
         return self._batcher.busy_seconds()
+
+    def on_batch(self, listener: BatchListener) -> None:
+        self._batcher.add_listener(listener)
 
     async def close(self) -> None:
         self._closed = True

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from meltguard.inference.batcher import Batcher
+from meltguard.inference.batcher import Batcher, BatchListener
 from meltguard.protocols import Clock
 from meltguard.values import EDIT_KINDS, EditInput, EngineHealth, GenerationJob, Size
 
@@ -125,6 +125,9 @@ class SimEngine:
 
     def busy_seconds(self) -> float:
         return self._batcher.busy_seconds()
+
+    def on_batch(self, listener: BatchListener) -> None:
+        self._batcher.add_listener(listener)
 
     async def close(self) -> None:
         self._closed = True

@@ -120,6 +120,16 @@ EXPECTED: dict[str, list[str]] = {
         "3: tiers: Dictionary should have at least 1 item after validation, not 0"
     ],
     "not_a_mapping.yaml": ["2: (top level): a policy is a mapping with version, tiers, ..."],
+    "power_ratio_out_of_range.yaml": ["7: power.high: Input should be less than or equal to 1"],
+    "power_ratio_zero.yaml": ["5: power.elevated: Input should be greater than 0"],
+    "power_unknown_level.yaml": [
+        "6: power.normal: unknown level 'normal' (levels: elevated, high, critical; normal "
+        "always restores the card's default limit)"
+    ],
+    "power_loosens_with_level.yaml": [
+        "8: power.critical: critical allows 0.7 of the default limit, more than high's 0.6; a "
+        "hotter level must not raise the limit"
+    ],
     "many_issues.yaml": [
         "3: mode: Input should be 'enforce' or 'shadow' (got 'dry-run')",
         "7: tiers.free.max_queue_wait: expected a duration like 500ms, 10s, 1m, 2h or 1d, "

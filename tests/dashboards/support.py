@@ -40,6 +40,7 @@ ALERTS = (
     "MeltguardQueueWaitOverBudget",
     "MeltguardQuotaStoreFailingOpen",
     "MeltguardQuotaRefundsStuck",
+    "MeltguardPowerLeverRefused",
 )
 
 

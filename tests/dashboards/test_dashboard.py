@@ -30,6 +30,7 @@ ROWS = (
     "Who is being refused and why?",
     "Are paying users fine?",
     "Is meltguard itself healthy?",
+    "What is the power lever doing, and what does an image cost?",
 )
 
 
@@ -195,6 +196,11 @@ def test_pressure_panels_name_the_levels() -> None:
         ("Active throttle reasons", {"meltguard_gpu_throttle_active"}),
         ("Telemetry source", {"meltguard_telemetry_source_info"}),
         ("Concurrency limit", {"meltguard_concurrency_limit", "meltguard_inflight_requests"}),
+        ("Power limit in force vs draw", {"meltguard_gpu_power_watts",
+                                          "meltguard_gpu_power_limit_watts"}),
+        ("Power-limit changes", {"meltguard_power_limit_changes_total"}),
+        ("Energy per image by tier", {"meltguard_energy_joules_total",
+                                      "meltguard_images_generated_total"}),
     ],
 )
 def test_key_panels_compare_what_they_promise(title: str, metrics: set[str]) -> None:

@@ -10,6 +10,9 @@ Subprocess use: `fake_nvml.env()` gives LD_LIBRARY_PATH and FAKE_NVML_STATE for 
 State is a dict written to the file the library re-reads on every call; the key format is
 documented at the top of fake_nvml.c (`gpu_count`, `init_error`, `0.temperature`,
 `0.temperature.error`, `1.lost`, `0.temperature.hang_ms`, ...).
+
+Power limits the daemon sets land in a second file the library appends to (`FakeNvml.limits_set`
+reads it back), so the test's own rewrites of the state never erase what the driver holds.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ SONAME = "libnvidia-ml.so.1"
 # NVML return codes the tests inject (nvml.h: nvmlReturn_t).
 NOT_SUPPORTED = 3
 NO_PERMISSION = 4
+INVALID_ARGUMENT = 2
 DRIVER_NOT_LOADED = 9
 FUNCTION_NOT_FOUND = 13
 GPU_IS_LOST = 15
@@ -125,6 +129,21 @@ class FakeNvml:
 
     def remove(self, *keys: str) -> None:
         self.update(dict.fromkeys(keys))
+
+    @property
+    def set_path(self) -> Path:
+        return self.state_path.with_name(self.state_path.name + ".set")
+
+    def limits_set(self, gpu: int = 0) -> list[int]:
+        """Every power limit (mW) nvmlDeviceSetPowerManagementLimit accepted for `gpu`, in order."""
+        if not self.set_path.exists():
+            return []
+        prefix = f"{gpu}.power_limit_mw="
+        return [
+            int(line.removeprefix(prefix))
+            for line in self.set_path.read_text().splitlines()
+            if line.startswith(prefix)
+        ]
 
     def clear_hangs(self) -> bool:
         """End every injected hang; True if there was one."""

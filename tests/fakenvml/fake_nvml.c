@@ -18,11 +18,21 @@
  *   N.memory_total  N.memory_used  N.memory_reserved               (bytes)
  *   N.util_gpu  N.util_memory                                      (percent)
  *   N.power_mw  N.power_limit_mw  N.clocks_reasons (decimal or 0x hex bitmask)
+ *   N.power_default_limit_mw (700000)  N.power_min_limit_mw (200000)  N.power_max_limit_mw (700000)
+ *   N.energy_mj             nvmlDeviceGetTotalEnergyConsumption, millijoules (default 0)
+ *   unprivileged=1          every setter returns NVML_ERROR_NO_PERMISSION, as for a non-root user
  *   N.CALL.error=CODE       CALL returns CODE instead of a value
  *   N.CALL.hang_ms=MS       CALL blocks until the key is removed from the file or MS elapse
  *
  * CALL is one of: handle name uuid index temperature slowdown shutdown memory utilization power
- * power_limit clocks_event_reasons clocks_throttle_reasons.
+ * power_limit clocks_event_reasons clocks_throttle_reasons power_default_limit
+ * power_limit_constraints power_management_limit energy set_power_limit.
+ *
+ * Setters write what the driver would hold to a second file, $FAKE_NVML_STATE.set, one
+ * `N.power_limit_mw=VALUE` line appended per successful nvmlDeviceSetPowerManagementLimit, so a
+ * test reads back every limit the daemon set, in order, and the test's own rewrites of the state
+ * file never erase one. The limit in force (enforced and management limit) is the last line there
+ * for that GPU, else N.power_limit_mw from the state, else the default limit.
  *
  * No state file (or $FAKE_NVML_STATE unset) makes nvmlInit fail with LIBRARY_NOT_FOUND, exactly
  * what pynvml reports on a machine without the driver: once a test process has preloaded this
@@ -448,10 +458,6 @@ nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *power) {
     return read_uint(device, "power", "power_mw", 70000, power);
 }
 
-nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *limit) {
-    return read_uint(device, "power_limit", "power_limit_mw", 700000, limit);
-}
-
 static nvmlReturn_t read_reasons(nvmlDevice_t device, const char *call,
                                  unsigned long long *reasons) {
     if (reasons == NULL) return NVML_ERROR_INVALID_ARGUMENT;
@@ -472,4 +478,112 @@ nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device,
 nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(nvmlDevice_t device,
                                                        unsigned long long *clocksThrottleReasons) {
     return read_reasons(device, "clocks_throttle_reasons", clocksThrottleReasons);
+}
+
+/* ---- power management limits and energy ------------------------------------------------------ */
+
+#define DEFAULT_POWER_LIMIT_MW 700000ULL /* an H100 SXM's default limit */
+#define DEFAULT_POWER_MIN_MW 200000ULL
+#define DEFAULT_POWER_MAX_MW 700000ULL
+
+static int set_path(char *buf, size_t n) {
+    const char *path = getenv("FAKE_NVML_STATE");
+    if (path == NULL || *path == '\0') return 0;
+    snprintf(buf, n, "%s.set", path);
+    return 1;
+}
+
+/* The limit a setter left in force for GPU `gpu`, or `dflt` when none has been set. */
+static unsigned long long set_limit(unsigned int gpu, unsigned long long dflt) {
+    char path[4096];
+    if (!set_path(path, sizeof path)) return dflt;
+    FILE *f = fopen(path, "r");
+    if (f == NULL) return dflt;
+    char want[MAX_KEY];
+    snprintf(want, sizeof want, "%u.power_limit_mw=", gpu);
+    char line[MAX_KEY + MAX_VALUE];
+    unsigned long long value = dflt;
+    while (fgets(line, sizeof line, f) != NULL) {
+        if (strncmp(line, want, strlen(want)) == 0) value = strtoull(line + strlen(want), NULL, 0);
+    }
+    fclose(f);
+    return value;
+}
+
+static unsigned long long limit_in_force(const state_t *st, unsigned int gpu) {
+    unsigned long long dflt = gpu_ull(st, gpu, "power_default_limit_mw", DEFAULT_POWER_LIMIT_MW);
+    return set_limit(gpu, gpu_ull(st, gpu, "power_limit_mw", dflt));
+}
+
+static nvmlReturn_t read_limit(nvmlDevice_t device, const char *call, unsigned int *limit) {
+    if (limit == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    state_t *st = NULL;
+    unsigned int gpu = 0;
+    nvmlReturn_t ret = device_call(device, call, &st, &gpu);
+    if (ret != NVML_SUCCESS) return ret;
+    *limit = (unsigned int)limit_in_force(st, gpu);
+    free(st);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *limit) {
+    return read_limit(device, "power_limit", limit);
+}
+
+nvmlReturn_t nvmlDeviceGetPowerManagementLimit(nvmlDevice_t device, unsigned int *limit) {
+    return read_limit(device, "power_management_limit", limit);
+}
+
+nvmlReturn_t nvmlDeviceGetPowerManagementDefaultLimit(nvmlDevice_t device,
+                                                      unsigned int *defaultLimit) {
+    return read_uint(device, "power_default_limit", "power_default_limit_mw",
+                     DEFAULT_POWER_LIMIT_MW, defaultLimit);
+}
+
+nvmlReturn_t nvmlDeviceGetPowerManagementLimitConstraints(nvmlDevice_t device,
+                                                          unsigned int *minLimit,
+                                                          unsigned int *maxLimit) {
+    if (minLimit == NULL || maxLimit == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    state_t *st = NULL;
+    unsigned int gpu = 0;
+    nvmlReturn_t ret = device_call(device, "power_limit_constraints", &st, &gpu);
+    if (ret != NVML_SUCCESS) return ret;
+    *minLimit = (unsigned int)gpu_ull(st, gpu, "power_min_limit_mw", DEFAULT_POWER_MIN_MW);
+    *maxLimit = (unsigned int)gpu_ull(st, gpu, "power_max_limit_mw", DEFAULT_POWER_MAX_MW);
+    free(st);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceSetPowerManagementLimit(nvmlDevice_t device, unsigned int limit) {
+    state_t *st = NULL;
+    unsigned int gpu = 0;
+    nvmlReturn_t ret = device_call(device, "set_power_limit", &st, &gpu);
+    if (ret != NVML_SUCCESS) return ret;
+    if (get_ull(st, "unprivileged", 0)) {
+        free(st);
+        return NVML_ERROR_NO_PERMISSION;
+    }
+    unsigned long long low = gpu_ull(st, gpu, "power_min_limit_mw", DEFAULT_POWER_MIN_MW);
+    unsigned long long high = gpu_ull(st, gpu, "power_max_limit_mw", DEFAULT_POWER_MAX_MW);
+    free(st);
+    /* The driver refuses a limit outside the constraints rather than clamping it. */
+    if (limit < low || limit > high) return NVML_ERROR_INVALID_ARGUMENT;
+    char path[4096];
+    if (!set_path(path, sizeof path)) return NVML_ERROR_UNKNOWN;
+    FILE *f = fopen(path, "a");
+    if (f == NULL) return NVML_ERROR_UNKNOWN;
+    fprintf(f, "%u.power_limit_mw=%u\n", gpu, limit);
+    fclose(f);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned long long *energy) {
+    if (energy == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    state_t *st = NULL;
+    unsigned int gpu = 0;
+    nvmlReturn_t ret = device_call(device, "energy", &st, &gpu);
+    if (ret != NVML_SUCCESS) return ret;
+    *energy = gpu_ull(st, gpu, "energy_mj", 0);
+    free(st);
+    return NVML_SUCCESS;
 }

@@ -146,3 +146,15 @@ def test_registration_does_not_read_the_sampler() -> None:
 
     registry = CollectorRegistry()
     register_telemetry_metrics(registry, Exploding(), clock=FakeClock(), requested="sim")  # type: ignore[arg-type]
+
+
+async def test_energy_counter_per_gpu_and_none_where_unsupported() -> None:
+    counted = gpu(0, energy_j=12_345.5)
+    uncounted = gpu(1, energy_j=None)
+    sampler, registry, _ = await setup([counted, uncounted])
+    series = scrape(registry)
+    assert value(series, "gpu_energy_joules_total", gpu="0") == 12_345.5
+    assert not [k for k in series if k[0] == "meltguard_gpu_energy_joules_total"
+                and ("gpu", "1") in k[1]]
+    assert names(series) <= series_names()
+    await sampler.stop()

@@ -33,6 +33,12 @@ _GPU_GAUGES: tuple[tuple[str, Callable[[GpuSample], float | int | None]], ...] =
 )
 
 
+# Counters the card keeps itself; exported as read, so a driver reload shows as a counter reset.
+_GPU_COUNTERS: tuple[tuple[str, Callable[[GpuSample], float | int | None]], ...] = (
+    ("gpu_energy_joules", lambda s: s.energy_j),
+)
+
+
 def _gauge(name: str) -> GaugeMetricFamily:
     spec = BY_NAME[PREFIX + name]
     assert spec.kind == "gauge", f"{spec.full_name} is a {spec.kind} in the catalogue"
@@ -55,6 +61,8 @@ class TelemetryCollector(Collector):
         # Registration calls describe(); without it the registry would collect() at import time.
         for name, _ in _GPU_GAUGES:
             yield _gauge(name)
+        for name, _ in _GPU_COUNTERS:
+            yield _counter(name)
         yield _gauge("gpu_throttle_active")
         yield _gauge("telemetry_age_seconds")
         yield _counter("telemetry_errors")
@@ -73,6 +81,13 @@ class TelemetryCollector(Collector):
                 if value is not None:
                     family.add_metric([str(sample.index)], float(value))
             yield family
+        for name, read in _GPU_COUNTERS:
+            counter = _counter(name)
+            for sample in samples:
+                value = None if sample.lost else read(sample)
+                if value is not None:
+                    counter.add_metric([str(sample.index)], float(value))
+            yield counter
         throttle = _gauge("gpu_throttle_active")
         for sample in samples:
             if throttle_known(sample):

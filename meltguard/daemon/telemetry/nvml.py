@@ -1,7 +1,9 @@
 """Telemetry from the NVIDIA driver through the real pynvml bindings.
 
-Every NVML call goes through `nvml_query`, the one place that decides what an error means
-(nvitop's `nvmlQuery`, dcgm-exporter's `isBlankValue`):
+Every NVML read goes through `nvml_query`, the one place that decides what an error means
+(nvitop's `nvmlQuery`, dcgm-exporter's `isBlankValue`), and every write through `nvml_set`
+beside it, which names the refusal instead (the power lever needs to tell NO_PERMISSION from
+NOT_SUPPORTED to say why it cannot act):
 
 - NOT_SUPPORTED, NO_DATA, NO_PERMISSION, NOT_FOUND, or an entry point the driver lacks: the field
   is absent (None, so no metric series), never 0. A datacenter card without a fan or a MIG slice
@@ -102,6 +104,17 @@ def nvml_query(*attempts: Callable[[], T]) -> T | None:
                 raise GpuLost(error_name(code)) from exc
             raise TelemetryError(error_name(code), str(exc)) from exc
     return None
+
+
+def nvml_set(call: Callable[[], object]) -> str:
+    """Run one NVML setter: `success`, or the refusal's name as `error_name` spells it
+    (`nvml_no_permission`, `nvml_not_supported`, `nvml_gpu_is_lost`, ...). Never raises an
+    NVMLError: a setter that fails leaves the card as it was, and the caller decides what next."""
+    try:
+        call()
+    except pynvml.NVMLError as exc:
+        return error_name(int(exc.value))
+    return "success"
 
 
 def _text(value: str | bytes) -> str:
@@ -207,6 +220,7 @@ class NvmlSource:
         power_mw = nvml_query(lambda: pynvml.nvmlDeviceGetPowerUsage(handle))
         limit_mw = nvml_query(lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle))
         reasons = nvml_query(*(functools.partial(f, handle) for f in _REASON_CALLS))
+        energy_mj = nvml_query(lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
         fields: dict[str, Any] = {
             "index": index,
             "uuid": self._uuids.get(index, ""),
@@ -220,10 +234,46 @@ class NvmlSource:
             "utilization": None if utilization is None else int(utilization.gpu) / 100.0,
             "power_w": None if power_mw is None else power_mw / 1000.0,
             "power_limit_w": None if limit_mw is None else limit_mw / 1000.0,
+            "energy_j": None if energy_mj is None else energy_mj / 1000.0,
         }
         if reasons is None:
             return ThrottleUnknownSample(**fields)
         return GpuSample(**fields, throttle=decode_throttle(int(reasons)))
+
+
+    # ---- the power limit as a lever (protocols.PowerLimits) ----
+
+    def default_power_limit_w(self, gpu: int) -> float | None:
+        """The limit the card boots with (nvmlDeviceGetPowerManagementDefaultLimit)."""
+        handle = self._lever_handle(gpu)
+        if handle is None:
+            return None
+        milliwatts = nvml_query(lambda: pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle))
+        return None if milliwatts is None else milliwatts / 1000.0
+
+    def power_limit_range_w(self, gpu: int) -> tuple[float, float] | None:
+        """The lowest and highest limit the driver accepts for the card."""
+        handle = self._lever_handle(gpu)
+        if handle is None:
+            return None
+        bounds = nvml_query(lambda: pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle))
+        return None if bounds is None else (bounds[0] / 1000.0, bounds[1] / 1000.0)
+
+    def set_power_limit_w(self, gpu: int, watts: float) -> str:
+        """Set the card's power limit; `success` or the refusal's name (see nvml_set)."""
+        handle = self._lever_handle(gpu)
+        if handle is None:
+            return "nvml_no_handle"
+        milliwatts = round(watts * 1000)
+        return nvml_set(lambda: pynvml.nvmlDeviceSetPowerManagementLimit(handle, milliwatts))
+
+    def _lever_handle(self, gpu: int) -> Any:
+        if self._closed or gpu not in self._indices:
+            return None
+        try:
+            return self._handle(gpu)
+        except (GpuLost, TelemetryError):
+            return None
 
 
 def _threshold(value: int | None) -> float | None:

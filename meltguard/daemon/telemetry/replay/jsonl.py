@@ -16,7 +16,8 @@ from meltguard.values import THROTTLE_REASONS, GpuSample
 
 FORMAT = "meltguard JSONL"
 
-_FLOATS = ("temperature_c", "slowdown_c", "shutdown_c", "utilization", "power_w", "power_limit_w")
+_FLOATS = ("temperature_c", "slowdown_c", "shutdown_c", "utilization", "power_w", "power_limit_w",
+           "energy_j")
 _INTS = ("memory_used_bytes", "memory_total_bytes")
 KEYS = frozenset({"t", "index", "uuid", "name", "taken_at", "throttle", "lost", *_FLOATS, *_INTS})
 
