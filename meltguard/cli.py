@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-url", default=_env("public-url", None),
                        help="base URL for response_format=url links")
     serve.add_argument("--strategy", default=_env("strategy", "meltguard"),
-                       choices=("meltguard", "none", "token-bucket", "fixed-concurrency"),
+                       choices=("meltguard", "meltguard-power", "none", "token-bucket",
+                                "fixed-concurrency"),
                        help="admission strategy; the others are benchmark baselines")
     serve.add_argument("--loop", default=_env("loop", "auto"),
                        choices=("auto", "uvloop", "asyncio"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-STRATEGY_NAMES = ("meltguard", "none", "token-bucket", "fixed-concurrency")
+STRATEGY_NAMES = ("meltguard", "meltguard-power", "none", "token-bucket", "fixed-concurrency")
 DEFAULT_LOADS = (0.5, 1.0, 2.0, 5.0, 10.0)
 QUICK_LOADS = (1.0, 5.0, 10.0)
 

@@ -131,6 +131,7 @@ async def sample_metrics(
 
 def parse_metrics(text: str, t: float) -> TelemetryPoint | None:
     temperature: float | None = None
+    energy: float | None = None
     throttled = False
     level = 0
     admitted = refused = 0.0
@@ -148,6 +149,9 @@ def parse_metrics(text: str, t: float) -> TelemetryPoint | None:
             throttled = float(line.rpartition(" ")[2]) > 0
         elif line.startswith("meltguard_pressure_level{") and 'gpu="all"' in line:
             level = int(float(line.rpartition(" ")[2]))
+        elif line.startswith("meltguard_gpu_energy_joules_total{") and f'gpu="{GPU}"' in line:
+            energy = float(line.rpartition(" ")[2])
     if temperature is None:
         return None
-    return TelemetryPoint(t, temperature, throttled, level, int(admitted), int(refused))
+    return TelemetryPoint(t, temperature, throttled, level, int(admitted), int(refused),
+                          energy)

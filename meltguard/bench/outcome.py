@@ -54,6 +54,7 @@ class TelemetryPoint:
     level: int  # the daemon's overall pressure level (0 normal .. 3 critical)
     admitted: int = 0  # admission decisions so far that let a request through
     refused: int = 0  # admission decisions so far that refused one
+    energy_j: float | None = None  # the card's energy counter (model joules), where it has one
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,16 @@ class PointResult:
     # Level changes, where the run recorded them (the offline simulator does; the live
     # benchmark samples only the level); None: not recorded.
     transitions: tuple[Transition, ...] | None = field(default=None, repr=False)
+    # The card's energy over the measured window (model joules), from its counter; None
+    # where the telemetry has no counter.
+    energy_j: float | None = None
+
+    @property
+    def joules_per_work(self) -> float | None:
+        """Joules per full-quality image: the window's energy over its full-quality work."""
+        if self.energy_j is None or not self.good_work:
+            return None
+        return self.energy_j / self.good_work
 
     @property
     def goodput_ips(self) -> float:
@@ -152,6 +163,8 @@ class PointResult:
             "above_slowdown_s": round(self.above_slowdown_s, 3),
             "throttled_s": round(self.throttled_s, 3),
             "slowdown_c": self.slowdown_c,
+            "energy_j": _round(self.energy_j, 1),
+            "joules_per_full_quality_image": _round(self.joules_per_work, 1),
             "tiers": {
                 t.tier: {
                     "offered": t.offered,
@@ -253,7 +266,19 @@ def summarize(
         telemetry=tuple(telemetry),
         admissions=_admissions(records, scenario, bin_s),
         transitions=None if transitions is None else tuple(transitions),
+        energy_j=_window_energy(telemetry, start, end),
     )
+
+
+def _window_energy(points: Sequence[TelemetryPoint], start: float, end: float) -> float | None:
+    """The counter's rise over [start, end], from the readings inside it, scaled to the whole
+    window (the first and last readings fall a sample interval inside its edges)."""
+    inside = [p for p in points if p.energy_j is not None and start <= p.t <= end]
+    if len(inside) < 2 or inside[-1].t <= inside[0].t:
+        return None
+    first, last = inside[0], inside[-1]
+    assert first.energy_j is not None and last.energy_j is not None
+    return (last.energy_j - first.energy_j) * (end - start) / (last.t - first.t)
 
 
 def _good(record: RequestRecord, scenario: Scenario) -> bool:

@@ -18,8 +18,12 @@ TARGET_LOADS = (5.0, 10.0)
 # got, at least this share of the sustainable capacity.
 WORK_TARGET = 0.95
 PRO_SUCCESS_TARGET = 0.99
+# meltguard-power: full-quality work beyond what duty cycling can sustain, from the power lever.
+POWER_TARGET_LOADS = (10.0,)
+POWER_WORK_TARGET = 1.1
 STRATEGY_COLORS = {
     "meltguard": "#1b7837",
+    "meltguard-power": "#762a83",
     "none": "#b2182b",
     "token-bucket": "#ef8a62",
     "fixed-concurrency": "#2166ac",
@@ -80,8 +84,31 @@ def evaluate(results: Sequence[PointResult], policy: Policy, cap: Capacity) -> l
                 subject, f"{tier.tier} p99 <= max_queue_wait + 2 service = {bound:.1f} s",
                 p99 is None or p99 <= bound,
                 "no admitted requests" if p99 is None else f"p99 {p99:.2f} s"))
+    verdicts.extend(_power_targets(results))
     verdicts.extend(_failure_modes(results))
     return verdicts
+
+
+def _power_targets(results: Sequence[PointResult]) -> list[Verdict]:
+    out: list[Verdict] = []
+    for point in results:
+        if point.strategy != "meltguard-power" or point.load not in POWER_TARGET_LOADS:
+            continue
+        subject = f"meltguard-power @ {point.load:g}x"
+        joules = point.joules_per_work
+        out.append(Verdict(subject, f"full-quality work >= {POWER_WORK_TARGET} x capacity",
+                           point.work_ratio >= POWER_WORK_TARGET,
+                           f"{point.work_ratio:.3f}; "
+                           + (f"{joules:.0f} J per full-quality image" if joules is not None
+                              else "no energy counter")))
+        out.append(Verdict(subject, "0 s throttled", point.throttled_s == 0,
+                           f"{point.throttled_s:.1f} s throttled, peak {point.peak_c or 0:.2f} °C"))
+        pro = point.tier("pro")
+        if pro is not None:
+            out.append(Verdict(subject, f"pro success >= {PRO_SUCCESS_TARGET:.0%}",
+                               pro.success_rate >= PRO_SUCCESS_TARGET,
+                               f"{pro.success_rate:.2%} of {pro.offered}"))
+    return out
 
 
 def _failure_modes(results: Sequence[PointResult]) -> list[Verdict]:
@@ -128,8 +155,9 @@ def markdown_table(results: Iterable[PointResult]) -> str:
     header = (
         "| strategy | load | offered req/s | goodput img/s | goodput / capacity | "
         "full-quality / capacity | p50 s | p99 s | success free / plus / pro | "
-        "share of images free / plus / pro | refused | peak °C | s ≥ slowdown | s throttled |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|\n"
+        "share of images free / plus / pro | refused | peak °C | s ≥ slowdown | s throttled | "
+        "J / full-quality image |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|\n"
     )
     rows = []
     for r in sorted(results, key=lambda r: (r.load, _order(r.strategy))):
@@ -140,7 +168,7 @@ def markdown_table(results: Iterable[PointResult]) -> str:
             f"| {r.strategy} | {r.load:g}x | {r.offered_rps:.3f} | {r.goodput_ips:.3f} | "
             f"{r.goodput_ratio:.2f} | {r.work_ratio:.2f} | {_s(r.p50_s)} | {_s(r.p99_s)} | "
             f"{success} | {shares} | {refused} | {_s(r.peak_c, 1)} | {r.above_slowdown_s:.0f} | "
-            f"{r.throttled_s:.0f} |"
+            f"{r.throttled_s:.0f} | {_s(r.joules_per_work, 0)} |"
         )
     return header + "\n".join(rows) + "\n"
 
@@ -263,6 +291,28 @@ def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
     fig.savefig(out / "goodput_and_peak.png", dpi=110)
     plt.close(fig)
     names.append("goodput_and_peak.png")
+
+    with_energy = [r for r in results if r.joules_per_work is not None]
+    if with_energy:
+        fig, axis = plt.subplots(figsize=(7, 4))
+        for strategy in strategies:
+            points = sorted((r for r in with_energy if r.strategy == strategy),
+                            key=lambda r: r.load)
+            if points:
+                axis.plot([p.load for p in points], [p.joules_per_work for p in points], "o-",
+                          color=STRATEGY_COLORS.get(strategy), label=strategy)
+        axis.set(xscale="log", xlabel="offered load (x sustainable capacity)",
+                 ylabel="J per full-quality image",
+                 title="GPU energy per full-quality image (the card's counter)")
+        energy_loads = sorted({r.load for r in with_energy})
+        axis.set_xticks(energy_loads, [f"{load:g}x" for load in energy_loads])
+        axis.minorticks_off()
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "energy_per_image.png", dpi=110)
+        plt.close(fig)
+        names.append("energy_per_image.png")
 
     loads = sorted({r.load for r in results})
     if loads:

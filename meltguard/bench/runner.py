@@ -27,6 +27,7 @@ import aiohttp
 from meltguard.bench.args import DEFAULT_LOADS, QUICK_LOADS
 from meltguard.bench.load import Defaults, offer, sample_metrics
 from meltguard.bench.outcome import PointResult, TelemetryPoint, summarize
+from meltguard.bench.power import POWER_STRATEGY, with_power
 from meltguard.bench.progress import Progress
 from meltguard.bench.report import evaluate, write_reports
 from meltguard.bench.scenario import (
@@ -68,6 +69,7 @@ class Prepared:
     loaded: LoadedPolicy  # the model-seconds policy, for the report
     daemon_policy: Path  # compressed by the speed
     defaults: Defaults
+    power_policy: Path | None = None  # the same plus the power section, for meltguard-power
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -112,9 +114,12 @@ def prepare(config: BenchConfig) -> Prepared:
     daemon_policy = config.out / f"policy-x{config.speed:g}.yaml"
     daemon_policy.write_text(compress_policy(loaded.text, config.speed))
     load_policy_file(daemon_policy)  # a compression that broke the file fails here, not later
+    power_policy = config.out / f"policy-power-x{config.speed:g}.yaml"
+    power_policy.write_text(with_power(daemon_policy.read_text()))
+    load_policy_file(power_policy)
     limits = loaded.policy.limits
     return Prepared(capacity(config.scenario), loaded, daemon_policy,
-                    Defaults(limits.default_size, limits.default_steps))
+                    Defaults(limits.default_size, limits.default_steps), power_policy)
 
 
 def run_all(config: BenchConfig, prepared: Prepared) -> list[PointResult]:
@@ -160,10 +165,13 @@ async def run_point(
            ENV_BUCKET_BURST: repr(options.bucket_burst)}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    policy = prepared.daemon_policy
+    if strategy == POWER_STRATEGY and prepared.power_policy is not None:
+        policy = prepared.power_policy
     command = [
         sys.executable, "-m", "meltguard", "serve", "--host", "127.0.0.1", "--port", str(port),
         "--model", "sim", "--telemetry", "sim", "--sim-speed", f"{speed:g}",
-        "--store", "memory", "--strategy", strategy, "--policy", str(prepared.daemon_policy),
+        "--store", "memory", "--strategy", strategy, "--policy", str(policy),
         "--max-batch", "1", "--drain-timeout", "1", "--log-format", "json",
     ]
     with log_path.open("wb") as log:

@@ -42,6 +42,7 @@ from meltguard.bench.outcome import (
     delivered_work,
 )
 from meltguard.bench.outcome import summarize as summarize_point
+from meltguard.bench.power import policy_for
 from meltguard.bench.scenario import (
     Arrival,
     Capacity,
@@ -55,6 +56,7 @@ from meltguard.bench.scenario import (
 from meltguard.clock import FakeClock
 from meltguard.daemon.errors import status_of
 from meltguard.daemon.policy_file import LoadedPolicy, PolicyFileError, load_policy_file
+from meltguard.daemon.power import PowerActuator, gpu_levels
 from meltguard.daemon.runtime import Runtime
 from meltguard.daemon.settings import Settings
 from meltguard.daemon.strategies import BaselineOptions, make_gate
@@ -199,7 +201,7 @@ def simulate(setup: SimSetup) -> SimRun:
 
 
 async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
-    policy = setup.loaded.policy
+    policy = policy_for(setup.strategy, setup.loaded).policy
     scenario = setup.scenario
     holder: dict[str, Runtime] = {}
     replay: _ReplayThrottle | None = None
@@ -238,8 +240,10 @@ async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
                      options=setup.options, rng=random.Random(setup.seed))
     settings = Settings(model="sim", telemetry="sim", store="memory", strategy=setup.strategy,
                         max_batch=setup.max_batch)
-    runtime = Runtime(settings, clock=clock, engine=engine, gate=gate, loaded=setup.loaded)
+    runtime = Runtime(settings, clock=clock, engine=engine, gate=gate,
+                      loaded=policy_for(setup.strategy, setup.loaded))
     holder["runtime"] = runtime
+    lever = PowerActuator(gpu) if gpu is not None else None
 
     start = clock.monotonic()
     telemetry: list[TelemetryPoint] = []
@@ -269,7 +273,11 @@ async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
                 telemetry.append(TelemetryPoint(
                     now - start, first.temperature_c, bool(first.throttle & slow_reasons),
                     int(runtime.level), decisions["admitted"], decisions["refused"],
+                    first.energy_j,
                 ))
+            if lever is not None:
+                # As the daemon's power lever runs it, minus its thread (power_wiring).
+                lever.follow(gpu_levels(runtime.pressure), runtime.loaded.policy)
         runtime.observe(None, now)
         note_level(now)
 
@@ -473,6 +481,10 @@ def render(result: PointResult, policy: Policy, cap: Capacity, *, source: str,
         f"{slowdown_from}), {result.above_slowdown_s:.0f} s at or above slowdown, "
         f"{result.throttled_s:.0f} s throttled"
         + (" (thermal reasons the trace reported)" if replayed else ""),
+        f"full-quality work {result.work_ratio:.3f} x "
+        + ("the reference above" if replayed else "sustainable capacity") + "; "
+        + (f"{result.joules_per_work:.0f} J per full-quality image"
+           if result.joules_per_work is not None else "no energy counter"),
         "temperature path: " + _path(result.telemetry),
         "",
         "pressure levels (s from the start: level, reasons):",

@@ -1,6 +1,8 @@
 """Admission strategies the benchmark compares, all behind the daemon's one `Gate` interface.
 
-`meltguard` is the real Gate. The three baselines are what people run today:
+`meltguard` is the real Gate, and so is `meltguard-power`: the benchmark runs it with a `power`
+section in the policy, so the power lever caps the card before admission has to shed (the
+lever acts on the policy, not on the gate). The three baselines are what people run today:
 
 - `none`: everything valid is admitted into one unbounded FIFO queue (a bare server);
 - `token-bucket`: one global bucket refilled at a static rate (by default the GPU's nominal
@@ -42,8 +44,9 @@ from meltguard.values import QuotaOutcome
 
 _log = logging.getLogger(__name__)
 
-Strategy = Literal["meltguard", "none", "token-bucket", "fixed-concurrency"]
-STRATEGIES: tuple[Strategy, ...] = ("meltguard", "none", "token-bucket", "fixed-concurrency")
+Strategy = Literal["meltguard", "meltguard-power", "none", "token-bucket", "fixed-concurrency"]
+STRATEGIES: tuple[Strategy, ...] = (
+    "meltguard", "meltguard-power", "none", "token-bucket", "fixed-concurrency")
 BASELINES: tuple[Strategy, ...] = ("none", "token-bucket", "fixed-concurrency")
 
 ENV_BUCKET_RATE = "MELTGUARD_BUCKET_RATE"
@@ -98,7 +101,7 @@ def make_gate(
 ) -> AdmissionStrategy:
     """The admission strategy named `strategy`. Raises ValueError for an unknown one or a
     baseline that lacks a setting it cannot guess (the token bucket's rate)."""
-    if strategy == "meltguard":
+    if strategy in ("meltguard", "meltguard-power"):
         return Gate(policy, store, clock, on_event=on_event, rng=rng, outcome_of=outcome_of)
     opts = options if options is not None else BaselineOptions.from_env()
     if strategy == "none":

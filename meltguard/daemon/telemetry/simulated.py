@@ -9,6 +9,11 @@ With duty constant over a read interval the equation has the closed form
 T(t+Δ) = T_ss + (T − T_ss)·exp(−Δ/τ), so the model is integrated exactly whatever the read
 interval; the only extra cuts are at the instants throttling switches on or off.
 
+The power limit is a lever (protocols.PowerLimits, `SimPowerLimit`): under a limit below what
+the work draws at full clocks, the draw while busy is the limit and work slows by the published
+DVFS curve of dvfs.py, so a capped card runs cooler and still does most of its work. The card
+keeps an energy counter, in joules of model time, like NVML's total energy.
+
 Throttling behaves like the hardware: at the slowdown temperature clocks drop (`hw_thermal`, power
 capped at `throttled_max_w`, work takes `throttle_slowdown` times longer) until the die has cooled
 `release_c` below it. Full duty therefore settles into a saw-tooth just under slowdown instead of
@@ -25,6 +30,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from meltguard.daemon.telemetry.sim_power import SimPowerLimit
 from meltguard.protocols import Clock
 from meltguard.values import GpuSample
 
@@ -51,7 +57,8 @@ class SimGpuParams:
     r_c_per_w: float = 0.1
     idle_w: float = 70.0
     max_w: float = 700.0
-    power_limit_w: float = 700.0
+    power_limit_w: float = 700.0  # the default limit, also the highest the card accepts
+    min_power_limit_w: float = 200.0  # the lowest limit the card accepts (an H100 SXM's)
     slowdown_c: float = 87.0
     shutdown_c: float = 92.0
     release_c: float = 2.0  # hysteresis: clocks recover this far below slowdown
@@ -74,6 +81,8 @@ class SimGpuParams:
             problems.append("release_c must be > 0 or throttling would switch without progress")
         if self.throttle_slowdown < 1:
             problems.append("throttle_slowdown must be >= 1")
+        if not 0 < self.min_power_limit_w <= self.power_limit_w:
+            problems.append("need 0 < min_power_limit_w <= power_limit_w")
         if problems:
             raise ValueError("SimGpuParams: " + "; ".join(problems))
 
@@ -133,6 +142,9 @@ class SimulatedGpu:
         self._power_capped = False
         self._last_t: float | None = None
         self._last_busy = 0.0
+        self._energy_j = 0.0
+        self.power_limit = SimPowerLimit(index=p.index, default_w=p.power_limit_w,
+                                         min_w=p.min_power_limit_w, max_w=p.power_limit_w)
         # read() runs on the sampler thread while slowdown_factor() is asked from the event loop.
         self._lock = threading.Lock()
 
@@ -158,7 +170,20 @@ class SimulatedGpu:
         """How much longer work takes at the current clocks: the daemon hands it to the sim engine
         so that a hot simulated card really serves fewer images, as a throttled one does."""
         with self._lock:
-            return self.params.throttle_slowdown if self._throttled else 1.0
+            thermal = self.params.throttle_slowdown if self._throttled else 1.0
+        # The tighter of the two governs the clocks: thermal slowdown cuts them whatever the limit.
+        return max(thermal, self.power_limit.slowdown(self.params.max_w))
+
+    # ---- the power limit as a lever (protocols.PowerLimits) ----
+
+    def default_power_limit_w(self, gpu: int) -> float | None:
+        return self.power_limit.default_power_limit_w(gpu)
+
+    def power_limit_range_w(self, gpu: int) -> tuple[float, float] | None:
+        return self.power_limit.power_limit_range_w(gpu)
+
+    def set_power_limit_w(self, gpu: int, watts: float) -> str:
+        return self.power_limit.set_power_limit_w(gpu, watts)
 
     def read(self) -> Sequence[GpuSample]:
         now = self._clock.monotonic()
@@ -200,18 +225,22 @@ class SimulatedGpu:
                 crossing = p.tau_s * math.log((temp - target) / (release - target))
             if crossing >= remaining:
                 break
+            self._energy_j += self._power * crossing
             self._temperature = p.slowdown_c if not self._throttled else release
             remaining -= crossing
         target = self._target()
+        self._energy_j += self._power * remaining
         self._temperature = target + (self._temperature - target) * math.exp(-remaining / p.tau_s)
 
     def _target(self) -> float:
         """Steady state for the current duty and throttle state; also fixes the reported power."""
         p = self.params
-        demand = demand_power(p, self._duty)
-        cap = min(p.power_limit_w, p.throttled_max_w) if self._throttled else p.power_limit_w
-        self._power = min(demand, cap)
-        self._power_capped = demand > p.power_limit_w
+        limit = self.power_limit.limit_w
+        # The limit caps the draw while the card works; idle draw is far below any limit.
+        busy_w = min(p.max_w, limit)
+        demand = p.idle_w + (busy_w - p.idle_w) * _clamp01(self._duty)
+        self._power = min(demand, p.throttled_max_w) if self._throttled else demand
+        self._power_capped = p.max_w > limit and self._duty > 0
         return p.ambient_c + p.r_c_per_w * self._power
 
     def _sample(self, now: float, inflight: int) -> GpuSample:
@@ -237,6 +266,7 @@ class SimulatedGpu:
             memory_total_bytes=p.memory_total_bytes,
             utilization=self._duty,
             power_w=self._power,
-            power_limit_w=p.power_limit_w,
+            power_limit_w=self.power_limit.limit_w,
             throttle=frozenset(throttle),
+            energy_j=self._energy_j,
         )
