@@ -45,6 +45,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time compression of the simulated GPU (default 40)")
     parser.add_argument("--policy", default=None,
                         help="meltguard policy in model seconds (default policies/bench.yaml)")
+    parser.add_argument("--power-policy", default=None,
+                        help="meltguard-power's policy, with a power section, in model seconds "
+                             "(default policies/bench-power.yaml)")
     parser.add_argument("--out", default="bench-results",
                         help="directory for results.json, results.md, plots and logs")
     parser.add_argument("--seed", type=int, default=None, help="seed of the arrivals")

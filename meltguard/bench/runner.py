@@ -27,7 +27,7 @@ import aiohttp
 from meltguard.bench.args import DEFAULT_LOADS, QUICK_LOADS
 from meltguard.bench.load import Defaults, offer, sample_metrics
 from meltguard.bench.outcome import PointResult, TelemetryPoint, summarize
-from meltguard.bench.power import POWER_STRATEGY, with_power
+from meltguard.bench.power import DEFAULT_POWER_POLICY, POWER_STRATEGY, policy_for
 from meltguard.bench.progress import Progress
 from meltguard.bench.report import evaluate, write_reports
 from meltguard.bench.scenario import (
@@ -57,6 +57,7 @@ class BenchConfig:
     speed: float
     policy_path: Path  # in model seconds
     out: Path
+    power_policy_path: Path = DEFAULT_POWER_POLICY  # meltguard-power's, in model seconds
     plots: bool = True
 
 
@@ -69,7 +70,7 @@ class Prepared:
     loaded: LoadedPolicy  # the model-seconds policy, for the report
     daemon_policy: Path  # compressed by the speed
     defaults: Defaults
-    power_policy: Path | None = None  # the same plus the power section, for meltguard-power
+    power_policy: Path | None = None  # meltguard-power's, compressed; None: not run
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -86,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         scenario=scenario, strategies=tuple(args.strategies), loads=tuple(loads),
         speed=args.speed, policy_path=Path(args.policy) if args.policy else DEFAULT_POLICY,
         out=Path(args.out), plots=not args.no_plots,
+        power_policy_path=Path(args.power_policy) if args.power_policy else DEFAULT_POWER_POLICY,
     )
 
 
@@ -96,6 +98,9 @@ def run_bench(args: argparse.Namespace) -> int:
     except PolicyFileError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"meltguard bench: {exc}", file=sys.stderr)
         return 2
     print(prepared.capacity.describe(), flush=True)
     results = run_all(config, prepared)
@@ -114,9 +119,12 @@ def prepare(config: BenchConfig) -> Prepared:
     daemon_policy = config.out / f"policy-x{config.speed:g}.yaml"
     daemon_policy.write_text(compress_policy(loaded.text, config.speed))
     load_policy_file(daemon_policy)  # a compression that broke the file fails here, not later
-    power_policy = config.out / f"policy-power-x{config.speed:g}.yaml"
-    power_policy.write_text(with_power(daemon_policy.read_text()))
-    load_policy_file(power_policy)
+    power_policy: Path | None = None
+    if POWER_STRATEGY in config.strategies:
+        power = policy_for(POWER_STRATEGY, load_policy_file(config.power_policy_path))
+        power_policy = config.out / f"policy-power-x{config.speed:g}.yaml"
+        power_policy.write_text(compress_policy(power.text, config.speed))
+        load_policy_file(power_policy)
     limits = loaded.policy.limits
     return Prepared(capacity(config.scenario), loaded, daemon_policy,
                     Defaults(limits.default_size, limits.default_steps), power_policy)
@@ -253,6 +261,7 @@ def describe(config: BenchConfig, prepared: Prepared) -> dict[str, object]:
         "speed": config.speed,
         "policy": str(config.policy_path),
         "policy_sha256": prepared.loaded.sha256,
+        "power_policy": str(config.power_policy_path) if prepared.power_policy else None,
         "strategies": list(config.strategies),
         "loads": list(config.loads),
         "warmup_s": scenario.warmup_s,

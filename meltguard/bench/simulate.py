@@ -201,7 +201,8 @@ def simulate(setup: SimSetup) -> SimRun:
 
 
 async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
-    policy = policy_for(setup.strategy, setup.loaded).policy
+    loaded = policy_for(setup.strategy, setup.loaded)
+    policy = loaded.policy
     scenario = setup.scenario
     holder: dict[str, Runtime] = {}
     replay: _ReplayThrottle | None = None
@@ -240,8 +241,7 @@ async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
                      options=setup.options, rng=random.Random(setup.seed))
     settings = Settings(model="sim", telemetry="sim", store="memory", strategy=setup.strategy,
                         max_batch=setup.max_batch)
-    runtime = Runtime(settings, clock=clock, engine=engine, gate=gate,
-                      loaded=policy_for(setup.strategy, setup.loaded))
+    runtime = Runtime(settings, clock=clock, engine=engine, gate=gate, loaded=loaded)
     holder["runtime"] = runtime
     lever = PowerActuator(gpu) if gpu is not None else None
 
@@ -398,6 +398,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     except PolicyFileError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
+        return 2
+    try:
+        policy_for(args.strategy, loaded)
+    except ValueError as exc:
+        print(f"meltguard simulate: {exc}", file=sys.stderr)
         return 2
     scenario = Scenario()
     if args.duration is not None or args.warmup is not None or args.seed is not None:

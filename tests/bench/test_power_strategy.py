@@ -1,5 +1,6 @@
-"""The `meltguard-power` strategy: the bench policy plus a power section, in the offline simulator
-and in the report, and the energy figures every strategy gets."""
+"""The `meltguard-power` strategy: the real gate under policies/bench-power.yaml (the bench policy
+plus a power section), in the offline simulator and in the report, and the energy figures every
+strategy gets."""
 
 from __future__ import annotations
 
@@ -13,41 +14,54 @@ from meltguard.admission.policy import Level
 from meltguard.admission.quota_memory import MemoryQuotaStore
 from meltguard.bench.load import parse_metrics
 from meltguard.bench.outcome import PointResult, TelemetryPoint, summarize
-from meltguard.bench.power import BENCH_POWER, POWER_STRATEGY, policy_for, with_power
+from meltguard.bench.power import DEFAULT_POWER_POLICY, POWER_STRATEGY, policy_for
 from meltguard.bench.report import POWER_WORK_TARGET, evaluate, markdown_table
 from meltguard.bench.scenario import Scenario, arrivals, baseline_options, capacity
 from meltguard.bench.simulate import SimSetup, simulate_point
 from meltguard.cli import main
 from meltguard.clock import FakeClock
-from meltguard.daemon.policy_file import load_policy_file, load_policy_text
+from meltguard.daemon.policy_file import load_policy_file
 from meltguard.daemon.strategies import make_gate
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_POLICY = ROOT / "policies" / "bench.yaml"
+POWER_POLICY = ROOT / "policies" / "bench-power.yaml"
 SCENARIO = dataclasses.replace(Scenario(), warmup_s=60.0, duration_s=150.0)
 
 
 def point(strategy: str, load: float) -> PointResult:
     cap = capacity(SCENARIO)
-    setup = SimSetup(loaded=load_policy_file(BENCH_POLICY), scenario=SCENARIO,
+    policy = POWER_POLICY if strategy == POWER_STRATEGY else BENCH_POLICY
+    setup = SimSetup(loaded=load_policy_file(policy), scenario=SCENARIO,
                      requests=arrivals(SCENARIO, load, cap), strategy=strategy, load=load,
                      options=baseline_options(cap))
     return simulate_point(setup, cap)
 
 
-def test_the_power_strategy_adds_the_section_and_nothing_else() -> None:
-    bench = load_policy_file(BENCH_POLICY)
-    assert not bench.policy.power
-    powered = policy_for(POWER_STRATEGY, bench).policy
-    assert powered.power == BENCH_POWER
-    assert powered.model_copy(update={"power": {}}) == bench.policy
-    assert policy_for("meltguard", bench) is bench
+def test_the_power_policy_is_the_bench_policy_plus_the_lever() -> None:
+    bench, powered = load_policy_file(BENCH_POLICY).policy, load_policy_file(POWER_POLICY).policy
+    assert DEFAULT_POWER_POLICY == POWER_POLICY
+    assert not bench.power
+    assert powered.power == {"elevated": 0.8, "high": 0.72, "critical": 0.6}
+    # The lever follows the level, so elevated enters under the hold line: a held card has it on.
+    assert powered.pressure.hold is not None and bench.pressure.hold is not None
+    enter = powered.pressure.levels["elevated"].enter.below_slowdown_c
+    assert enter is not None and enter > powered.pressure.hold.below_slowdown_c
+    # Everything else is the bench policy's.
+    levels = dict(powered.pressure.levels)
+    levels["elevated"] = bench.pressure.levels["elevated"]
+    pressure = powered.pressure.model_copy(update={"levels": levels})
+    assert powered.model_copy(update={"power": {}, "pressure": pressure}) == bench
+    assert policy_for("meltguard", load_policy_file(BENCH_POLICY)).policy == bench
 
 
-def test_a_policy_with_its_own_power_section_keeps_it() -> None:
-    text = BENCH_POLICY.read_text() + "\npower: {high: 0.5}\n"
-    assert with_power(text) == text
-    assert load_policy_text(with_power(text)).policy.power == {"high": 0.5}
+def test_the_power_strategy_refuses_a_policy_without_a_power_section(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="needs a policy with a `power` section"):
+        policy_for(POWER_STRATEGY, load_policy_file(BENCH_POLICY))
+    code = main(["simulate", "--policy", str(BENCH_POLICY), "--strategy", POWER_STRATEGY])
+    assert code == 2
+    assert "needs a policy with a `power` section" in capsys.readouterr().err
 
 
 def test_the_strategy_is_the_real_gate() -> None:
@@ -77,7 +91,7 @@ def test_the_simulator_caps_the_card_only_under_the_power_strategy() -> None:
 
 
 def test_simulate_command_reports_energy(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["simulate", "--policy", str(BENCH_POLICY), "--strategy", POWER_STRATEGY,
+    code = main(["simulate", "--policy", str(POWER_POLICY), "--strategy", POWER_STRATEGY,
                  "--load", "10", "--duration", "60", "--warmup", "30"])
     assert code == 0
     out = capsys.readouterr().out
