@@ -301,7 +301,8 @@ def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
             if points:
                 axis.plot([p.load for p in points], [p.joules_per_work for p in points], "o-",
                           color=STRATEGY_COLORS.get(strategy), label=strategy)
-        axis.set(xscale="log", xlabel="offered load (x sustainable capacity)",
+        # Log scale: an overloaded baseline spends tens of times more per good image.
+        axis.set(xscale="log", yscale="log", xlabel="offered load (x sustainable capacity)",
                  ylabel="J per full-quality image",
                  title="GPU energy per full-quality image (the card's counter)")
         energy_loads = sorted({r.load for r in with_energy})
