@@ -16,6 +16,7 @@ from meltguard.bench.load import parse_metrics
 from meltguard.bench.outcome import PointResult, TelemetryPoint, summarize
 from meltguard.bench.power import DEFAULT_POWER_POLICY, POWER_STRATEGY, policy_for
 from meltguard.bench.report import POWER_WORK_TARGET, evaluate, markdown_table
+from meltguard.bench.runner import BenchConfig, prepare
 from meltguard.bench.scenario import Scenario, arrivals, baseline_options, capacity
 from meltguard.bench.simulate import SimSetup, simulate_point
 from meltguard.cli import main
@@ -131,3 +132,20 @@ def test_report_checks_the_power_target_and_shows_energy() -> None:
     table = markdown_table([powered])
     assert "J / full-quality image" in table
     assert f"| {powered.joules_per_work:.0f} |" in table
+
+
+def test_the_bench_compresses_the_power_policy_only_when_it_runs_the_strategy(
+        tmp_path: Path) -> None:
+    def config(strategies: tuple[str, ...], power_policy: Path = POWER_POLICY) -> BenchConfig:
+        return BenchConfig(scenario=SCENARIO, strategies=strategies, loads=(1.0,), speed=40.0,
+                           policy_path=BENCH_POLICY, out=tmp_path / "-".join(strategies),
+                           power_policy_path=power_policy)
+
+    assert prepare(config(("meltguard",))).power_policy is None
+    prepared = prepare(config(("meltguard", POWER_STRATEGY)))
+    assert prepared.power_policy is not None
+    compressed = load_policy_file(prepared.power_policy).policy
+    assert compressed.power == load_policy_file(POWER_POLICY).policy.power
+    assert compressed.pressure.levels["elevated"].min_dwell == pytest.approx(3.0 / 40.0)
+    with pytest.raises(ValueError, match="needs a policy with a `power` section"):
+        prepare(config((POWER_STRATEGY,), power_policy=BENCH_POLICY))
