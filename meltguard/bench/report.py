@@ -281,12 +281,8 @@ def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
     right.axhline(slowdown, color="black", lw=0.8, ls="--", label="slowdown")
     right.set(xscale="log", xlabel="offered load (x sustainable capacity)",
               ylabel="peak GPU temperature (°C)", title="Peak temperature")
-    all_loads = sorted({r.load for r in results})
     for axis in (left, right):
-        axis.set_xticks(all_loads, [f"{load:g}x" for load in all_loads])
-        axis.minorticks_off()
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        _finish_load_axis(axis, results)
     fig.tight_layout()
     fig.savefig(out / "goodput_and_peak.png", dpi=110)
     plt.close(fig)
@@ -305,11 +301,7 @@ def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
         axis.set(xscale="log", yscale="log", xlabel="offered load (x sustainable capacity)",
                  ylabel="J per full-quality image",
                  title="GPU energy per full-quality image (the card's counter)")
-        energy_loads = sorted({r.load for r in with_energy})
-        axis.set_xticks(energy_loads, [f"{load:g}x" for load in energy_loads])
-        axis.minorticks_off()
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        _finish_load_axis(axis, with_energy)
         fig.tight_layout()
         fig.savefig(out / "energy_per_image.png", dpi=110)
         plt.close(fig)
@@ -341,3 +333,12 @@ def plot_all(out: Path, results: Sequence[PointResult]) -> list[str]:
         plt.close(fig)
         names.append(name)
     return names
+
+
+def _finish_load_axis(axis: Any, results: Sequence[PointResult]) -> None:
+    """Offered loads as the x ticks ("5x"), a light grid and the legend."""
+    loads = sorted({r.load for r in results})
+    axis.set_xticks(loads, [f"{load:g}x" for load in loads])
+    axis.minorticks_off()
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
