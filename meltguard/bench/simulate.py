@@ -204,7 +204,6 @@ async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
     loaded = policy_for(setup.strategy, setup.loaded)
     policy = loaded.policy
     scenario = setup.scenario
-    holder: dict[str, Runtime] = {}
     replay: _ReplayThrottle | None = None
     source: TelemetrySource
     gpu: SimulatedGpu | None = None
@@ -213,21 +212,6 @@ async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
         if gpu is not None:
             return gpu.slowdown_factor()
         return replay.slowdown_factor() if replay is not None else 1.0
-
-    engine = SimEngine(clock=clock, params=scenario.engine, max_batch=setup.max_batch,
-                       slowdown=slowdown)
-    if setup.trace is not None:
-        replay = _ReplayThrottle(ReplaySource(setup.trace, clock=clock, loop=True),
-                                 scenario.gpu.throttle_slowdown)
-        source = replay.source
-    else:
-        # As the daemon wires it: memory follows the requests it holds (serve.assemble).
-        gpu = SimulatedGpu(
-            clock=clock, busy_seconds=engine.busy_seconds,
-            inflight=lambda: holder["runtime"].active_requests if holder else 0,
-            params=scenario.gpu,
-        )
-        source = gpu
 
     decisions = {"admitted": 0, "refused": 0}
 
@@ -239,10 +223,23 @@ async def _simulate(setup: SimSetup, clock: VirtualClock) -> SimRun:
 
     gate = make_gate(setup.strategy, policy, MemoryQuotaStore(), clock, on_event=count,
                      options=setup.options, rng=random.Random(setup.seed))
+    engine = SimEngine(clock=clock, params=scenario.engine, max_batch=setup.max_batch,
+                       slowdown=slowdown)
+    if setup.trace is not None:
+        replay = _ReplayThrottle(ReplaySource(setup.trace, clock=clock, loop=True),
+                                 scenario.gpu.throttle_slowdown)
+        source = replay.source
+    else:
+        # As the daemon wires it (serve.assemble): only granted permits hold GPU memory.
+        gpu = SimulatedGpu(
+            clock=clock, busy_seconds=engine.busy_seconds,
+            inflight=lambda: sum(gate.snapshot().inflight.values()), params=scenario.gpu,
+        )
+        source = gpu
+
     settings = Settings(model="sim", telemetry="sim", store="memory", strategy=setup.strategy,
                         max_batch=setup.max_batch)
     runtime = Runtime(settings, clock=clock, engine=engine, gate=gate, loaded=loaded)
-    holder["runtime"] = runtime
     lever = PowerActuator(gpu) if gpu is not None else None
 
     start = clock.monotonic()

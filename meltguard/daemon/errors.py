@@ -4,10 +4,10 @@ Retry-After, and what an engine failure means to a client."""
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Mapping
 
+import orjson
 from aiohttp import web
 
 from meltguard.admission.events import Outcome
@@ -61,9 +61,9 @@ def error_response(
     if error.code is ErrorCode.DAILY_QUOTA_EXCEEDED:
         headers["x-should-retry"] = "false"
     headers["Content-Type"] = _JSON
-    body = json.dumps({"error": {"message": error.message, "type": _STATUS[error.code][1],
-                                 "param": error.param, "code": error.code.value}})
-    return web.Response(status=status, body=body.encode(), headers=headers)
+    body = orjson.dumps({"error": {"message": error.message, "type": _STATUS[error.code][1],
+                                   "param": error.param, "code": error.code.value}})
+    return web.Response(status=status, body=body, headers=headers)
 
 
 def from_http_exception(exc: web.HTTPException) -> ServiceError:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 
+import orjson
 import structlog
 from aiohttp import web
 
@@ -44,6 +45,9 @@ async def refusal_response(request: web.Request, refused: Refused) -> web.Respon
 
 
 async def _read_body(request: web.Request, seconds: float) -> bytes:
+    if request.content.is_eof():
+        # The whole body came in with the headers (small JSON bodies do): nothing to wait for.
+        return await request.read()
     try:
         async with asyncio.timeout(seconds):
             return await request.read()
@@ -124,7 +128,8 @@ async def serve_images(
     if permit.degraded:
         headers["x-meltguard-degraded"] = ", ".join(permit.degraded)
     headers["x-meltguard-seed"] = str(job.seed)
-    return web.json_response(body_out, headers=headers)
+    return web.Response(body=orjson.dumps(body_out), headers=headers,
+                        content_type="application/json")
 
 
 async def _generate(runtime: Runtime, permit: Permit, job: GenerationJob) -> list[bytes]:

@@ -24,13 +24,17 @@ def test_one_round_writes_a_report_with_every_case_and_target(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     rows = re.findall(r"^\| (uvloop|asyncio) \| ([a-z ]+?) \| [\d,]+ \| [\d, ]+ \| "
-                      r"(?:[\d.]+x)? \| (\d+) \| (\d+) \|$", text, re.M)
-    assert {(loop, case) for loop, case, _, _ in rows} == {
+                      r"(?:[\d.]+x)? \| ((?:[\d.]+x)?) \| (\d+) \| (\d+) \|$", text, re.M)
+    assert {(loop, case) for loop, case, _, _, _ in rows} == {
         (loop, case) for loop in ("uvloop", "asyncio")
-        for case in ("trivial", "memory refusal", "sqlite refusal", "redis refusal")}
-    # The trivial route answered only 2xx; a refused tenant got an image only when the store
-    # failed and the policy admitted it uncounted (on_store_error: open).
-    assert all(int(wrong) <= int(errors) for _, _, wrong, errors in rows), rows
+        for case in ("trivial", "floor", "memory refusal", "sqlite refusal", "redis refusal")}
+    # Each refusal is also read against the floor (a POST the edge refuses before the gate).
+    assert all(bool(over_floor) == case.endswith("refusal")
+               for _, case, over_floor, _, _ in rows), rows
+    # The trivial route answered only 2xx, the floor only its 405; a refused tenant got an
+    # image only when the store failed and the policy admitted it uncounted
+    # (on_store_error: open).
+    assert all(int(wrong) <= int(errors) for _, _, _, wrong, errors in rows), rows
     assert re.search(r"^Lowest refusal / trivial ratio: [\d.]+x \(target >= 0\.6x: "
                      r"(met|\*\*NOT met\*\*)\)\.$", text, re.M)
     assert re.search(r"^Daemon / engine images/s: [\d.]+x \(target >= 0\.95x: "
