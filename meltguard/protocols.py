@@ -67,7 +67,10 @@ class BatchObservable(Protocol):
 
     def on_batch(
         self, listener: Callable[[Sequence[GenerationJob], float, float], None]
-    ) -> None: ...
+    ) -> None:
+        """Call `listener(jobs, started, ended)` after every batch, on the engine's Clock,
+        before the batch's results are handed back."""
+        ...
 
 
 class TelemetrySource(Protocol):
